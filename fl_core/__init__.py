@@ -1,0 +1,57 @@
+"""The federated-learning core: data, victims, clients, the round loop and its hooks.
+
+``fl_core`` knows nothing of attacks or defenses: they plug into the
+:class:`~fl_core.server.Server`'s hooks.
+"""
+
+from .client import Client, LocalTraining
+from .data import (
+    DATASETS,
+    SAMPLE_NAMES,
+    ImageData,
+    label_skew,
+    load_dataset,
+    load_image_files,
+    load_image_folder,
+    load_samples,
+    load_torchvision,
+    partition_dirichlet,
+    partition_iid,
+)
+from .models import ACTIVATIONS, MODELS, ModelSpec, build_model, count_parameters
+from .registry import Registry
+from .server import Server, fedavg, round_generator
+from .train import evaluate_accuracy, train_centralized
+from .types import GroundTruth, Observation, Protocol, RoundRecord, Update
+
+__all__ = [
+    "ACTIVATIONS",
+    "Client",
+    "DATASETS",
+    "GroundTruth",
+    "ImageData",
+    "LocalTraining",
+    "MODELS",
+    "ModelSpec",
+    "Observation",
+    "Protocol",
+    "Registry",
+    "RoundRecord",
+    "SAMPLE_NAMES",
+    "Server",
+    "Update",
+    "build_model",
+    "count_parameters",
+    "evaluate_accuracy",
+    "fedavg",
+    "label_skew",
+    "load_dataset",
+    "load_image_files",
+    "load_image_folder",
+    "load_samples",
+    "load_torchvision",
+    "partition_dirichlet",
+    "partition_iid",
+    "round_generator",
+    "train_centralized",
+]

@@ -1,0 +1,283 @@
+"""Victim models, built by name from a registry.
+
+Every victim takes ``num_classes``, an input shape ``in_shape = (C, H, W)``,
+``activation`` where it applies, and a ``torch.Generator`` for its initial
+weights. Models are created on the meta device and then initialised from the
+generator, so building a model never reads or advances the global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from .registry import Registry
+
+__all__ = [
+    "ACTIVATIONS",
+    "MODELS",
+    "ModelSpec",
+    "build_model",
+    "count_parameters",
+]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+MODELS: Registry[nn.Module] = Registry("model")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a victim's architecture (not its weights).
+
+    The server publishes the architecture with the global model, so an attacker
+    may rebuild it from this spec and load the observed parameters.
+    """
+
+    name: str
+    num_classes: int = 10
+    in_shape: tuple[int, int, int] = (3, 32, 32)
+    activation: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, *, generator: torch.Generator | None = None) -> nn.Module:
+        """A fresh model of this architecture, initialised from ``generator``."""
+        return build_model(
+            self.name,
+            num_classes=self.num_classes,
+            in_shape=self.in_shape,
+            activation=self.activation,
+            generator=generator,
+            **self.options,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "in_shape": list(self.in_shape),
+            "activation": self.activation,
+            **({"options": dict(self.options)} if self.options else {}),
+        }
+
+
+def _activation(name: str) -> Callable[[], nn.Module]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; valid names: {', '.join(sorted(ACTIVATIONS))}"
+        ) from None
+
+
+def _check_shape(in_shape: tuple[int, ...], num_classes: int) -> tuple[int, int, int]:
+    if len(in_shape) != 3 or min(in_shape) < 1:
+        raise ValueError(f"in_shape must be (C, H, W) with positive sizes; got {in_shape}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2; got {num_classes}")
+    return tuple(int(s) for s in in_shape)  # type: ignore[return-value]
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_shape: tuple[int, int, int] = (3, 32, 32),
+    activation: str | None = None,
+    generator: torch.Generator | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Build the victim registered as ``name``.
+
+    Args:
+        name: registry name (see ``MODELS.names()``).
+        num_classes: size of the output layer.
+        in_shape: input ``(C, H, W)``.
+        activation: activation name for victims that take one (``None``: the
+            victim's default).
+        generator: source of the initial weights (default: seed 0).
+        **options: victim-specific options (e.g. ``cifar_stem`` for ResNet-18).
+
+    Returns:
+        The model in train mode, on the CPU, with ``model.spec`` set to its
+        :class:`ModelSpec`.
+    """
+    factory = MODELS.get(name)
+    in_shape = _check_shape(tuple(in_shape), num_classes)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        model, resolved_activation = factory(
+            num_classes=num_classes, in_shape=in_shape, activation=activation, **options
+        )
+    model = model.to_empty(device="cpu")
+    model.init_weights(generator)  # type: ignore[operator]
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            module.reset_running_stats()
+    model.spec = ModelSpec(name, num_classes, in_shape, resolved_activation, dict(options))
+    return model.train()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _uniform_(t: torch.Tensor, bound: float, g: torch.Generator) -> None:
+    with torch.no_grad():
+        t.uniform_(-bound, bound, generator=g)
+
+
+def _default_init(module: nn.Module, g: torch.Generator) -> None:
+    """PyTorch's default Conv/Linear init (Kaiming-uniform, a = sqrt(5)) from ``g``."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            _uniform_(m.weight, 1.0 / math.sqrt(fan_in), g)  # == kaiming_uniform(a=sqrt(5))
+            if m.bias is not None:
+                _uniform_(m.bias, 1.0 / math.sqrt(fan_in), g)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            with torch.no_grad():
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+
+
+class LeNet(nn.Module):
+    """The LeNet of Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019).
+
+    Conv(C->12, k5, s2, p2) -> act -> Conv(12->12, k5, s2, p2) -> act ->
+    Conv(12->12, k5, s1, p2) -> act -> Linear(12*h*w -> classes), all weights
+    and biases drawn U(-0.5, 0.5) as in the paper's code. For 32x32 inputs the
+    linear layer has 768 inputs, for 28x28 it has 588.
+
+    Input (B, C, H, W) -> logits (B, classes).
+    """
+
+    def __init__(self, num_classes: int, in_shape: tuple[int, int, int], act: Callable) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 12, kernel_size=5, stride=2, padding=2),
+            act(),
+            nn.Conv2d(12, 12, kernel_size=5, stride=2, padding=2),
+            act(),
+            nn.Conv2d(12, 12, kernel_size=5, stride=1, padding=2),
+            act(),
+        )
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        self.fc = nn.Linear(12 * h * w, num_classes)
+
+    def init_weights(self, g: torch.Generator) -> None:
+        for p in self.parameters():
+            _uniform_(p, 0.5, g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))  # (B, 12*h*w) -> (B, classes)
+
+
+class SmallCNN(nn.Module):
+    """Two sigmoid conv layers and one linear output layer (Fashion-MNIST FL experiments).
+
+    Conv(C->16, k5, p2) -> act -> MaxPool(2) -> Conv(16->32, k5, p2) -> act ->
+    MaxPool(2) -> Linear(32*(H/4)*(W/4) -> classes); PyTorch's default init.
+    """
+
+    def __init__(self, num_classes: int, in_shape: tuple[int, int, int], act: Callable) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 16, kernel_size=5, padding=2),
+            act(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, kernel_size=5, padding=2),
+            act(),
+            nn.MaxPool2d(2),
+        )
+        self.fc = nn.Linear(32 * (h // 4) * (w // 4), num_classes)
+
+    def init_weights(self, g: torch.Generator) -> None:
+        _default_init(self, g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 with a swappable activation and an optional CIFAR stem.
+
+    The CIFAR stem (He et al. 2016, sec. 4.2 style) replaces the 7x7/2 first
+    convolution and the max-pool by a 3x3/1 convolution, keeping spatial detail
+    for 32x32 inputs. Every ReLU of torchvision's model is replaced by
+    ``act()``; with ``sigmoid`` (the leakage literature's choice) the features
+    entering the classifier are positive, which label recovery relies on.
+    Initialisation follows torchvision (Kaiming-normal fan-out convolutions,
+    BatchNorm weight 1 / bias 0, default Linear) drawn from the generator.
+    """
+
+    def __init__(
+        self, num_classes: int, in_shape: tuple[int, int, int], act: Callable, cifar_stem: bool
+    ) -> None:
+        super().__init__()
+        net = torchvision.models.resnet18(num_classes=num_classes)
+        c = in_shape[0]
+        if cifar_stem:
+            net.conv1 = nn.Conv2d(c, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        elif c != 3:
+            net.conv1 = nn.Conv2d(c, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        _swap_relu(net, act)
+        self.net = net
+
+    def init_weights(self, g: torch.Generator) -> None:
+        _default_init(self, g)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.out_channels * m.weight[0, 0].numel()
+                with torch.no_grad():
+                    m.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _swap_relu(module: nn.Module, act: Callable) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, act())
+        else:
+            _swap_relu(child, act)
+
+
+@MODELS.register("lenet")
+def _lenet(*, num_classes, in_shape, activation=None):
+    activation = activation or "sigmoid"
+    return LeNet(num_classes, in_shape, _activation(activation)), activation
+
+
+@MODELS.register("cnn")
+def _cnn(*, num_classes, in_shape, activation=None):
+    activation = activation or "sigmoid"
+    return SmallCNN(num_classes, in_shape, _activation(activation)), activation
+
+
+@MODELS.register("resnet18")
+def _resnet18(*, num_classes, in_shape, activation=None, cifar_stem: bool | None = None):
+    activation = activation or "sigmoid"
+    if cifar_stem is None:
+        cifar_stem = max(in_shape[1:]) <= 64
+    model = ResNet18(num_classes, in_shape, _activation(activation), bool(cifar_stem))
+    return model, activation

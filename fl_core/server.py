@@ -1,0 +1,183 @@
+"""The round loop: sample clients, collect updates, show them to listeners, aggregate.
+
+Hooks (plain callables, so defenses and attackers plug in without the core
+knowing them):
+
+* ``client_defenses``: ``f(update, *, generator) -> update``, applied in order
+  to every update before it leaves the client;
+* ``listeners``: ``f(observation) -> None``, called for every client update of
+  every round with exactly what the server sees (attackers are listeners);
+* ``truth_listeners``: ``f(ground_truth) -> None``, the separate channel that
+  carries each client's data to the metrics;
+* ``aggregator``: ``f(updates) -> tuple[Tensor, ...]``, default
+  :func:`fedavg` (sample-weighted mean);
+* ``post_aggregation``: ``f(parameters, *, round, generator) -> parameters``,
+  applied in order to the new global parameters (e.g. CRFL);
+* ``evaluate``: ``f(model) -> dict[str, float]`` after each round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .client import Client, float_buffers
+from .types import GroundTruth, Observation, RoundRecord, Update
+
+__all__ = ["Server", "fedavg", "round_generator"]
+
+log = logging.getLogger(__name__)
+
+ClientDefense = Callable[..., Update]
+Listener = Callable[[Observation], None]
+TruthListener = Callable[[GroundTruth], None]
+Aggregator = Callable[[Sequence[Update]], tuple[torch.Tensor, ...]]
+PostAggregation = Callable[..., Sequence[torch.Tensor]]
+
+
+def fedavg(updates: Sequence[Update]) -> tuple[torch.Tensor, ...]:
+    """Sample-weighted mean of updates (McMahan et al. 2017): Σ n_k u_k / Σ n_k."""
+    if not updates:
+        raise ValueError("cannot aggregate an empty list of updates")
+    w = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
+    w = (w / w.sum()).tolist()
+    return tuple(
+        sum(wk * t for wk, t in zip(w, ts)) for ts in zip(*(u.tensors for u in updates))
+    )
+
+
+def round_generator(seed: int, round: int, stream: int) -> torch.Generator:
+    """A generator for one (round, stream) pair, independent of call order."""
+    state = np.random.SeedSequence([seed, round, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class Server:
+    """Runs FedSGD / FedAvg rounds over a set of clients.
+
+    Args:
+        model: the global model (changed in place by each round).
+        clients: all clients; each round samples ``clients_per_round`` of them.
+        clients_per_round: clients per round (``None``: all of them).
+        server_lr: global step size; FedSGD moves θ ← θ − lr·g, FedAvg moves
+            θ ← θ + lr·Δ.
+        listeners, truth_listeners, client_defenses, aggregator,
+        post_aggregation, evaluate: hooks, see the module docstring.
+        seed: the root of every random draw in the run (client sampling, batch
+            choice, defense noise).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        clients: Sequence[Client],
+        *,
+        clients_per_round: int | None = None,
+        server_lr: float = 1.0,
+        listeners: Sequence[Listener] = (),
+        truth_listeners: Sequence[TruthListener] = (),
+        client_defenses: Sequence[ClientDefense] = (),
+        aggregator: Aggregator = fedavg,
+        post_aggregation: Sequence[PostAggregation] = (),
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not clients:
+            raise ValueError("a server needs at least one client")
+        k = len(clients) if clients_per_round is None else clients_per_round
+        if not 1 <= k <= len(clients):
+            raise ValueError(f"clients_per_round must be in [1, {len(clients)}]; got {k}")
+        if not hasattr(model, "spec"):
+            raise ValueError("the global model must come from fl_core.build_model (it has no spec)")
+        self.model = model
+        self.clients = list(clients)
+        self.clients_per_round = k
+        self.server_lr = server_lr
+        self.listeners = list(listeners)
+        self.truth_listeners = list(truth_listeners)
+        self.client_defenses = list(client_defenses)
+        self.aggregator = aggregator
+        self.post_aggregation = list(post_aggregation)
+        self.evaluate = evaluate
+        self.seed = seed
+        self.round = 0
+        self._work = model.spec.build().to(next(model.parameters()).device)
+
+    def sample_clients(self, round: int) -> list[Client]:
+        """The clients of ``round``, drawn without replacement from the round's generator."""
+        if self.clients_per_round == len(self.clients):
+            return self.clients
+        g = round_generator(self.seed, round, 0)
+        pick = torch.randperm(len(self.clients), generator=g)[: self.clients_per_round]
+        return [self.clients[i] for i in sorted(pick.tolist())]
+
+    def run(self, rounds: int, *, progress: bool = False) -> list[RoundRecord]:
+        """Run ``rounds`` rounds; returns one record per round."""
+        from tqdm.auto import trange
+
+        return [self.run_round() for _ in trange(rounds, disable=not progress, desc="rounds")]
+
+    def run_round(self) -> RoundRecord:
+        """One round: broadcast, local computation, observation, aggregation."""
+        t = self.round
+        global_params = tuple(p.detach().clone() for p in self.model.parameters())
+        global_buffers = tuple((n, b.detach().clone()) for n, b in self.model.named_buffers())
+        state = self.model.state_dict()
+        updates: list[Update] = []
+        for client in self.sample_clients(t):
+            self._work.load_state_dict(state)
+            g = round_generator(self.seed, t, 1 + client.client_id)
+            update, truth = client.compute_update(self._work, round=t, generator=g)
+            for defense in self.client_defenses:
+                update = defense(update, generator=g)
+            updates.append(update)
+            protocol = client.protocol()
+            obs = Observation(
+                round=t,
+                client_id=client.client_id,
+                model_spec=self.model.spec,
+                parameters=global_params,
+                buffers=global_buffers,
+                update=update,
+                protocol=protocol,
+            )
+            for listener in self.listeners:
+                listener(obs)
+            for sink in self.truth_listeners:
+                sink(truth)
+        self._apply(updates, t)
+        record = RoundRecord(
+            round=t,
+            client_ids=[u.client_id for u in updates],
+            num_samples=[u.num_samples for u in updates],
+            update_norms=[u.norm() for u in updates],
+        )
+        if self.evaluate is not None:
+            record.metrics = dict(self.evaluate(self.model))
+        self.round += 1
+        log.debug("round %d: %d clients", t, len(updates))
+        return record
+
+    def _apply(self, updates: Sequence[Update], round: int) -> None:
+        kinds = {u.kind for u in updates}
+        if len(kinds) != 1:
+            raise ValueError(f"cannot aggregate a mix of update kinds: {sorted(kinds)}")
+        sign = -1.0 if kinds == {"gradient"} else 1.0
+        aggregate = self.aggregator(updates)
+        params = list(self.model.parameters())
+        with torch.no_grad():
+            new = [p + sign * self.server_lr * a.to(p) for p, a in zip(params, aggregate)]
+            g = round_generator(self.seed, round, -1 % 2**31)
+            for post in self.post_aggregation:
+                new = list(post(new, round=round, generator=g))
+            for p, v in zip(params, new):
+                p.copy_(v)
+            if updates[0].buffers:
+                w = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
+                w = (w / w.sum()).tolist()
+                for i, b in enumerate(float_buffers(self.model)):
+                    b.copy_(sum(wk * u.buffers[i] for wk, u in zip(w, updates)))

@@ -1,0 +1,59 @@
+"""What every attack shares: the result type and the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from fl_core.registry import Registry
+from fl_core.types import Observation
+
+__all__ = ["ATTACKS", "Attack", "Reconstruction", "build_attack"]
+
+
+@dataclass(frozen=True, eq=False)
+class Reconstruction:
+    """An attack's output.
+
+    Attributes:
+        images: (B, C, H, W) reconstructed images, clipped to [0, 1].
+        labels: (B,) recovered labels.
+        loss: final matching loss of the kept restart.
+        history: matching loss after each optimiser step of the kept restart.
+        restart_losses: final matching loss of every restart tried.
+        steps: optimiser steps taken by the kept restart.
+        evaluations: objective evaluations (forward + double backward) over all restarts.
+        stopped: why the kept restart stopped (``"converged"``, ``"steps"``,
+            ``"non-finite"``).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    loss: float
+    history: list[float] = field(default_factory=list)
+    restart_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    evaluations: int = 0
+    stopped: str = "steps"
+
+
+class Attack(Protocol):
+    """An attack: one call from what the server sees to a reconstruction."""
+
+    def reconstruct(
+        self,
+        obs: Observation,
+        *,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Reconstruction: ...
+
+
+ATTACKS: Registry[Attack] = Registry("attack")
+
+
+def build_attack(name: str, **params) -> Attack:
+    """Build the attack registered as ``name`` with its parameters."""
+    return ATTACKS.build(name, **params)

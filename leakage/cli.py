@@ -1,0 +1,103 @@
+"""The ``leakage`` command line.
+
+``leakage attack`` runs one experiment end to end (see
+:mod:`leakage.experiment`). Bad input ends with a one-line message on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(EXIT_USAGE, f"leakage: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from fl_core.data import DATASETS
+    from fl_core.models import ACTIVATIONS, MODELS
+
+    from .attacks import ATTACKS
+
+    p = _Parser(prog="leakage", description="Measure what federated learning leaks.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    a = sub.add_parser(
+        "attack",
+        help="attack one FedSGD gradient and score the reconstruction",
+        description="One client, one FedSGD round, the attacker listening at the server. "
+        "Writes results.json, reconstruction.png and history.png into --out.",
+    )
+    S = argparse.SUPPRESS  # unset options do not override --config
+    a.add_argument("--config", metavar="FILE", help="YAML file with the same keys (CLI options win)")
+    a.add_argument("--attack", default=S, help=f"attack: {', '.join(ATTACKS.names())} (default dlg)")
+    a.add_argument("--model", default=S, help=f"victim: {', '.join(MODELS.names())} (default lenet)")
+    a.add_argument(
+        "--activation", default=S, help=f"victim activation: {', '.join(sorted(ACTIVATIONS))}"
+    )
+    a.add_argument("--num-classes", type=int, default=S, help="classes of the victim (default 10)")
+    a.add_argument(
+        "--dataset",
+        default=S,
+        help=f"{', '.join(sorted(DATASETS))}, or a folder of class sub-folders (default samples)",
+    )
+    a.add_argument("--data-root", default=S, help="folder of torchvision datasets (default data)")
+    a.add_argument("--download", action="store_true", default=S, help="allow dataset downloads")
+    a.add_argument("--train-split", action="store_true", default=S, help="use the training split")
+    a.add_argument("--images", nargs="+", metavar="FILE", default=S, help="your own image files")
+    a.add_argument("--labels", nargs="+", type=int, metavar="INT", default=S, help="batch labels")
+    a.add_argument("--index", type=int, default=S, help="dataset position of the first image")
+    a.add_argument("--shape", nargs=3, type=int, metavar=("C", "H", "W"), default=S)
+    a.add_argument("--batch-size", type=int, default=S, help="images in the batch (default 1)")
+    a.add_argument("--steps", type=int, default=S, help="attack optimiser steps (default 300)")
+    a.add_argument("--restarts", type=int, default=S, help="random restarts (default 4)")
+    a.add_argument("--seed", type=int, default=S, help="seed of weights and attack (default 0)")
+    a.add_argument("--device", default=S, help="cpu or cuda (default cpu)")
+    a.add_argument("--out", default=S, help="output folder (default: new folder under results/)")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from .experiment import load_config, make_config, run_attack
+
+    options: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")
+    }
+    cfg = load_config(args.config, **options) if args.config else make_config(options)
+    result = run_attack(cfg, progress=not args.quiet)
+    s = result["summary"]
+    psnr = "inf" if s["psnr"] is None else f"{s['psnr']:.2f}"
+    print(
+        f"PSNR {psnr} dB  SSIM {s['ssim']:.4f}  label accuracy {s['label_accuracy']:.2f}  "
+        f"({result['seconds']:.1f} s)  -> {result['config']['out']}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``leakage`` command; returns the exit code."""
+    import yaml
+
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "attack":
+            return _attack(args)
+    except (ValueError, OSError, yaml.YAMLError, json.JSONDecodeError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"leakage: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""One attack experiment, wired end to end through the FL core.
+
+One client holds the target batch, runs one FedSGD round against the victim,
+and the attacker listens at the server. The attacker receives the
+:class:`~fl_core.types.Observation`; the client's data reaches only the
+metrics, through the server's ground-truth channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fl_core.client import Client, LocalTraining
+from fl_core.data import ImageData, load_dataset, load_image_files
+from fl_core.models import MODELS, build_model
+from fl_core.server import Server
+from fl_core.types import GroundTruth, Observation
+
+from .attacks import ATTACKS, build_attack
+from .metrics import label_accuracy, score_images
+from .report import plot_history, plot_reconstruction
+
+__all__ = ["AttackConfig", "load_config", "run_attack"]
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Everything one ``leakage attack`` run depends on (YAML keys = field names).
+
+    Attributes:
+        attack: attack name (see ``leakage.attacks.ATTACKS``).
+        model: victim name (see ``fl_core.models.MODELS``).
+        activation: victim activation (``None``: the victim's default).
+        num_classes: classes of the victim's output layer.
+        dataset: ``samples`` (embedded photographs), a torchvision dataset name
+            or a folder of class sub-folders; ignored when ``images`` is set.
+        data_root: where torchvision datasets live.
+        download: allow torchvision downloads.
+        train_split: take images from the training split.
+        images: the user's own image files (the batch).
+        labels: labels of the batch (default: the dataset's; for ``images``,
+            file i gets label i mod num_classes).
+        index: position in the dataset of the batch's first image.
+        shape: image shape (C, H, W); ``None``: (3, 32, 32) for samples and
+            files, the native shape for datasets.
+        batch_size: images in the batch (``None``: 1, or the number of ``images``).
+        steps: optimiser steps of the attack.
+        restarts: random restarts of the attack.
+        seed: seed of the victim's weights and of the attack's random start.
+        device: ``cpu`` or ``cuda``.
+        out: output folder (``None``: a new folder under ``results/``).
+    """
+
+    attack: str = "dlg"
+    model: str = "lenet"
+    activation: str | None = None
+    num_classes: int = 10
+    dataset: str = "samples"
+    data_root: str = "data"
+    download: bool = False
+    train_split: bool = False
+    images: tuple[str, ...] = ()
+    labels: tuple[int, ...] = ()
+    index: int = 0
+    shape: tuple[int, int, int] | None = None
+    batch_size: int | None = None
+    steps: int = 300
+    restarts: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("images", "labels"):
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        if self.shape is not None:
+            object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch size {self.batch_size}: use a positive integer")
+        if self.images and self.batch_size is not None and self.batch_size != len(self.images):
+            raise ValueError(
+                f"{len(self.images)} image files given but batch size is {self.batch_size}: "
+                "give one file per image of the batch"
+            )
+        if self.labels and len(self.labels) != self.effective_batch_size:
+            raise ValueError(
+                f"{len(self.labels)} labels given for a batch of {self.effective_batch_size}"
+            )
+        MODELS.get(self.model)
+        ATTACKS.get(self.attack)
+        if self.steps < 1 or self.restarts < 1:
+            raise ValueError("steps and restarts must be positive integers")
+        if self.index < 0:
+            raise ValueError(f"index {self.index}: use a non-negative integer")
+
+    @property
+    def effective_batch_size(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return len(self.images) if self.images else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["images"], d["labels"] = list(self.images), list(self.labels)
+        d["shape"] = list(self.shape) if self.shape else None
+        d["batch_size"] = self.effective_batch_size
+        return d
+
+
+def load_config(path: str | Path, **overrides: Any) -> AttackConfig:
+    """Read a YAML config (keys: the fields of :class:`AttackConfig`, ``-`` or ``_``).
+
+    Unknown keys are rejected with the list of valid ones; ``overrides`` (e.g.
+    command-line options) win over the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+    return make_config({**{str(k).replace("-", "_"): v for k, v in data.items()}, **overrides})
+
+
+def make_config(values: dict[str, Any]) -> AttackConfig:
+    """An :class:`AttackConfig` from a dict, rejecting unknown keys."""
+    valid = [f.name for f in dataclasses.fields(AttackConfig)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    return AttackConfig(**values)
+
+
+def _target_batch(cfg: AttackConfig) -> ImageData:
+    b = cfg.effective_batch_size
+    if cfg.images:
+        return load_image_files(
+            list(cfg.images),
+            labels=list(cfg.labels) or None,
+            shape=cfg.shape or (3, 32, 32),
+            num_classes=cfg.num_classes,
+        )
+    data = load_dataset(
+        cfg.dataset,
+        root=cfg.data_root,
+        train=cfg.train_split,
+        download=cfg.download,
+        shape=cfg.shape,
+        num_classes=cfg.num_classes,
+    )
+    if cfg.index + b > len(data):
+        raise ValueError(
+            f"dataset {cfg.dataset} has {len(data)} images; index {cfg.index} + batch size {b} "
+            "runs past its end"
+        )
+    batch = data.subset(list(range(cfg.index, cfg.index + b)))
+    if int(batch.labels.max()) >= cfg.num_classes:
+        raise ValueError(
+            f"dataset {cfg.dataset} has labels up to {int(batch.labels.max())}; "
+            f"use num_classes >= {int(batch.labels.max()) + 1}"
+        )
+    if cfg.labels:
+        batch = dataclasses.replace(batch, labels=torch.tensor(cfg.labels, dtype=torch.int64))
+    return batch
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages the numbers depend on."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("leakage-lab", "torch", "torchvision", "numpy", "scipy", "scikit-image"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def default_out(cfg: AttackConfig) -> Path:
+    """A new folder under ``results/`` named after the run."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("results") / f"{cfg.attack}-{cfg.model}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def prepare_out(path: str | Path) -> Path:
+    """Create the output folder and check it is writable."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to output folder {path}: {e.strerror or e}") from None
+    return path
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
+    """Run one experiment and write ``results.json``, ``reconstruction.png`` and ``history.png``.
+
+    Returns:
+        The dict written to ``results.json``.
+    """
+    out = prepare_out(cfg.out or default_out(cfg))
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no GPU is available; use --device cpu")
+    batch = _target_batch(cfg)
+    if batch.labels.max() >= cfg.num_classes:
+        raise ValueError(f"labels must be below num_classes={cfg.num_classes}")
+
+    model = build_model(
+        cfg.model,
+        num_classes=cfg.num_classes,
+        in_shape=batch.shape,
+        activation=cfg.activation,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    ).to(cfg.device)
+    seen: list[Observation] = []
+    truth: list[GroundTruth] = []
+    client = Client(0, batch.images, batch.labels, training=LocalTraining("fedsgd"))
+    Server(model, [client], listeners=[seen.append], truth_listeners=[truth.append], seed=cfg.seed).run_round()
+
+    attack = build_attack(cfg.attack, steps=cfg.steps, restarts=cfg.restarts, device=cfg.device)
+    start = time.perf_counter()
+    rec = attack.reconstruct(
+        seen[0], generator=torch.Generator().manual_seed(cfg.seed), progress=progress
+    )
+    seconds = time.perf_counter() - start
+
+    gt = truth[0]
+    scores = score_images(rec.images, gt.images.cpu(), data_range=1.0)
+    order = scores.order.tolist()
+    recovered = [int(rec.labels[j]) for j in order]
+    per_image = [
+        {
+            "name": batch.names[i],
+            "psnr": _finite(float(scores.psnr[i])),
+            "ssim": float(scores.ssim[i]),
+            "mse": float(scores.mse[i]),
+            "true_label": int(gt.labels[i]),
+            "recovered_label": recovered[i],
+        }
+        for i in range(len(gt.labels))
+    ]
+    result = {
+        "config": {**cfg.to_dict(), "out": str(out), "activation": model.spec.activation},
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "seconds": seconds,
+        "images": per_image,
+        "summary": {
+            "psnr": _finite(float(scores.psnr.mean())),
+            "ssim": float(scores.ssim.mean()),
+            "label_accuracy": label_accuracy(rec.labels.tolist(), gt.labels.tolist()),
+        },
+        "attack": {
+            "loss": _finite(rec.loss),
+            "steps": rec.steps,
+            "evaluations": rec.evaluations,
+            "stopped": rec.stopped,
+            "restart_losses": [_finite(v) for v in rec.restart_losses],
+            "history": [_finite(v) for v in rec.history],
+        },
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    title = f"{cfg.attack} on {cfg.model} ({model.spec.activation})"
+    plot_reconstruction(
+        gt.images.cpu(),
+        rec.images[order],
+        out / "reconstruction.png",
+        psnr=scores.psnr.tolist(),
+        ssim=scores.ssim.tolist(),
+        true_labels=gt.labels.tolist(),
+        recovered_labels=recovered,
+        title=title,
+    )
+    plot_history(rec.history, out / "history.png", title=title)
+    return result

@@ -1,0 +1,80 @@
+"""Gradient-matching objectives: what an attacker minimises.
+
+Everything here works on *flat* gradients (one vector per model), so the
+attack loop does one subtraction and one reduction per step instead of a Python
+loop over parameter tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "flat_gradient",
+    "last_linear",
+    "observed_gradient",
+    "soft_cross_entropy",
+    "squared_distance",
+]
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of −Σ_k p_k log softmax(logits)_k.
+
+    Args:
+        logits: (B, K).
+        targets: (B, K) probabilities (soft labels) or (B,) class indices.
+    """
+    if targets.ndim == 1:
+        return F.cross_entropy(logits, targets)
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def flat_gradient(
+    loss: torch.Tensor, params: Sequence[torch.Tensor], *, create_graph: bool = False
+) -> torch.Tensor:
+    """dloss/dθ for all ``params``, concatenated into one vector (d,)."""
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def squared_distance(dummy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DLG's objective (Zhu et al. 2019, eq. 4): ‖∇θ' − ∇θ‖² summed over all entries."""
+    return (dummy - target).square().sum()
+
+
+def observed_gradient(update_tensors: Sequence[torch.Tensor], kind: str, *, lr: float, steps: int):
+    """The gradient an update reveals, flat (d,).
+
+    A FedSGD update is the gradient itself. A FedAvg delta after *one* plain SGD
+    step equals −lr·gradient, so it reveals the gradient exactly; more local
+    steps need an attack that simulates them.
+    """
+    flat = torch.cat([t.reshape(-1) for t in update_tensors])
+    if kind == "gradient":
+        return flat
+    if steps == 1 and lr > 0:
+        return flat / -lr
+    raise ValueError(
+        f"this attack matches one gradient; the update is a delta after {steps} local steps "
+        "(use a FedSGD round or one local step)"
+    )
+
+
+def last_linear(model: nn.Module) -> tuple[int, int | None]:
+    """Indices in ``model.parameters()`` of the last Linear layer's weight and bias.
+
+    Label recovery reads this layer's gradient: its weight gradient is (K, F)
+    with K the number of classes.
+    """
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError("the model has no Linear layer to read labels from")
+    layer = linear[-1]
+    ids = {id(p): i for i, p in enumerate(model.parameters())}
+    bias = ids[id(layer.bias)] if layer.bias is not None else None
+    return ids[id(layer.weight)], bias
