@@ -1,0 +1,128 @@
+"""The ``leakage attack`` command: outputs, reproducibility and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from fl_core import load_samples
+from leakage.cli import main
+
+FAST = ["--steps", "15", "--restarts", "1", "--quiet"]
+
+
+def run(argv, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_attack_writes_three_files(tmp_path, capsys):
+    code, out, err = run(["attack", "--out", str(tmp_path / "r"), *FAST], capsys)
+    assert code == 0, err
+    files = {p.name for p in (tmp_path / "r").iterdir()}
+    assert {"results.json", "reconstruction.png", "history.png"} <= files
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert set(res["summary"]) == {"psnr", "ssim", "label_accuracy"}
+    assert res["config"]["attack"] == "dlg" and res["config"]["model"] == "lenet"
+    assert res["config"]["activation"] == "sigmoid" and res["seed"] == 0
+    assert res["versions"]["torch"] and res["seconds"] > 0
+    assert len(res["images"]) == 1 and res["images"][0]["name"] == "astronaut"
+    assert {"psnr", "ssim", "true_label", "recovered_label"} <= set(res["images"][0])
+    assert "PSNR" in out
+
+
+def _numbers(path):
+    res = json.loads(path.read_text())
+    for k in ("seconds", "versions"):
+        res.pop(k)
+    res["config"].pop("out")
+    return res
+
+
+def test_same_seed_same_numbers(tmp_path, capsys):
+    args = ["attack", "--batch-size", "2", "--attack", "idlg", *FAST]
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        assert run([*args, "--seed", seed, "--out", str(tmp_path / name)], capsys)[0] == 0
+    a, b, c = (_numbers(tmp_path / n / "results.json") for n in "abc")
+    assert a == b
+    assert a["images"] != c["images"]
+
+
+def test_own_images_and_yaml_config(tmp_path, capsys):
+    data = load_samples(count=2)
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray((data.images[i].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(p)
+        paths.append(str(p))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("attack: idlg\nnum-classes: 10\nsteps: 15\nrestarts: 1\n")
+    code, _, err = run(
+        ["attack", "--config", str(cfg), "--images", *paths, "--labels", "4", "7",
+         "--out", str(tmp_path / "r"), "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["config"]["attack"] == "idlg" and res["config"]["batch_size"] == 2
+    assert sorted(i["true_label"] for i in res["images"]) == [4, 7]
+    assert res["summary"]["label_accuracy"] == 1.0  # iDLG batch labels, distinct classes
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"this is not a png")
+    yaml_bad = tmp_path / "bad.yaml"
+    yaml_bad.write_text("attack: dlg\nlearning_rate: 3\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    return {"corrupt": corrupt, "yaml": yaml_bad, "unwritable": blocker / "sub"}
+
+
+BAD = {
+    "batch size 0": (["--batch-size", "0"], "batch size 0"),
+    "unknown model": (["--model", "vgg"], "lenet"),
+    "unknown attack": (["--attack", "magic"], "dlg"),
+    "unknown dataset": (["--dataset", "imagenet-x"], "samples"),
+    "missing image": (["--images", "/nonexistent/x.png"], "/nonexistent/x.png"),
+    "corrupt image": (["--images", "{corrupt}"], "corrupt.png"),
+    "images vs batch": (["--images", "{corrupt}", "--batch-size", "2"], "batch size"),
+    "yaml unknown key": (["--config", "{yaml}"], "learning_rate"),
+    "unwritable out": (["--out", "{unwritable}"], "cannot write"),
+    "unknown activation": (["--activation", "swish2"], "sigmoid"),
+    "missing config": (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2(case, bad_files, tmp_path, capsys):
+    argv, needle = BAD[case]
+    argv = [a.format(**bad_files) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    code, out, err = run(["attack", *argv, *FAST], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and needle in lines[0]
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "leakage", "attack", "--model", "nope", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
