@@ -48,7 +48,7 @@ def run_one(attack: str, batch: int, first: int, seed: int, steps: int, restarts
         "seed": seed,
         "names": [data.names[i] for i in idx],
         "seconds": seconds,
-        "steps": rec.steps,
+        "steps": rec.total_steps,
         "evaluations": rec.evaluations,
         "psnr": scores.psnr.tolist(),
         "ssim": scores.ssim.tolist(),
@@ -79,7 +79,9 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "success": f"{len(ok)}/{len(rs)}",
                     "s_per_eval_ms": 1e3 * secs / max(evals, 1),
                     "s_per_step": secs / max(sum(r["steps"] for r in rs), 1),
-                    "median_s_success": statistics.median([r["seconds"] for r in ok]) if ok else None,
+                    "median_s_success": statistics.median([r["seconds"] for r in ok])
+                    if ok
+                    else None,
                     "median_s_all": statistics.median([r["seconds"] for r in rs]),
                     "median_psnr": statistics.median([p for r in rs for p in r["psnr"]]),
                     "label_accuracy": statistics.mean([r["label_accuracy"] for r in rs]),
@@ -94,18 +96,24 @@ def markdown(summary: list[dict]) -> str:
         "| median s (successes) | median s (all) | median PSNR | label acc. |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
+
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
+
+    cols = [
+        ("attack", "s"), ("batch", "d"), ("runs", "d"), ("success", "s"),
+        ("s_per_eval_ms", ".2f"), ("s_per_step", ".3f"), ("median_s_success", ".1f"),
+        ("median_s_all", ".1f"), ("median_psnr", ".1f"), ("label_accuracy", ".2f"),
+    ]  # fmt: skip
     return head + "".join(
-        f"| {s['attack']} | {s['batch']} | {s['runs']} | {s['success']} | {f(s['s_per_eval_ms'], '.2f')} "
-        f"| {f(s['s_per_step'], '.3f')} | {f(s['median_s_success'], '.1f')} | {f(s['median_s_all'], '.1f')} "
-        f"| {f(s['median_psnr'], '.1f')} | {f(s['label_accuracy'], '.2f')} |\n"
-        for s in summary
+        "| " + " | ".join(f(s[k], fmt) for k, fmt in cols) + " |\n" for s in summary
     )
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--attacks", nargs="+", default=["dlg", "idlg"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--images", type=int, default=6, help="distinct first images per batch size")
@@ -119,7 +127,11 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "runs.jsonl"
-    rows = [json.loads(line) for line in store.read_text().splitlines() if line] if store.exists() else []
+    rows = (
+        [json.loads(line) for line in store.read_text().splitlines() if line]
+        if store.exists()
+        else []
+    )
     done = {key(r) for r in rows}
     plan = [
         (a, b, first, seed)

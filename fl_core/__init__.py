@@ -9,16 +9,14 @@ from .data import (
     DATASETS,
     SAMPLE_NAMES,
     ImageData,
-    label_skew,
     load_dataset,
     load_image_files,
     load_image_folder,
     load_samples,
     load_torchvision,
-    partition_dirichlet,
-    partition_iid,
 )
 from .models import ACTIVATIONS, MODELS, ModelSpec, build_model, count_parameters
+from .partition import label_skew, partition_dirichlet, partition_iid
 from .registry import Registry
 from .server import Server, fedavg, round_generator
 from .train import evaluate_accuracy, train_centralized

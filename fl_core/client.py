@@ -91,9 +91,7 @@ class Client:
         if t.algorithm == "fedsgd":
             return Protocol("fedsgd", num_samples=b, batch_size=b)
         seen = min(len(self), b * t.local_steps)
-        return Protocol(
-            "fedavg", seen, b, local_steps=t.local_steps, lr=t.lr, momentum=t.momentum
-        )
+        return Protocol("fedavg", seen, b, local_steps=t.local_steps, lr=t.lr, momentum=t.momentum)
 
     def _batches(self, generator: torch.Generator) -> list[torch.Tensor]:
         """Index batches for this round: reshuffled each epoch, drawn from ``generator``."""

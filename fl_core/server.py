@@ -45,9 +45,7 @@ def fedavg(updates: Sequence[Update]) -> tuple[torch.Tensor, ...]:
         raise ValueError("cannot aggregate an empty list of updates")
     w = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
     w = (w / w.sum()).tolist()
-    return tuple(
-        sum(wk * t for wk, t in zip(w, ts)) for ts in zip(*(u.tensors for u in updates))
-    )
+    return tuple(sum(wk * t for wk, t in zip(w, ts)) for ts in zip(*(u.tensors for u in updates)))
 
 
 def round_generator(seed: int, round: int, stream: int) -> torch.Generator:

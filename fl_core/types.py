@@ -79,7 +79,9 @@ class Update:
     def with_flat(self, flat: torch.Tensor) -> Update:
         """Same metadata, tensors cut from a flat vector (d,)."""
         if flat.numel() != self.flat.numel():
-            raise ValueError(f"flat vector has {flat.numel()} entries; expected {self.flat.numel()}")
+            raise ValueError(
+                f"flat vector has {flat.numel()} entries; expected {self.flat.numel()}"
+            )
         parts = torch.split(flat, [t.numel() for t in self.tensors])
         return self.with_tensors([p.view_as(t) for p, t in zip(parts, self.tensors)])
 

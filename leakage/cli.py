@@ -38,9 +38,15 @@ def _parser() -> argparse.ArgumentParser:
         "Writes results.json, reconstruction.png and history.png into --out.",
     )
     S = argparse.SUPPRESS  # unset options do not override --config
-    a.add_argument("--config", metavar="FILE", help="YAML file with the same keys (CLI options win)")
-    a.add_argument("--attack", default=S, help=f"attack: {', '.join(ATTACKS.names())} (default dlg)")
-    a.add_argument("--model", default=S, help=f"victim: {', '.join(MODELS.names())} (default lenet)")
+    a.add_argument(
+        "--config", metavar="FILE", help="YAML file with the same keys (CLI options win)"
+    )
+    a.add_argument(
+        "--attack", default=S, help=f"attack: {', '.join(ATTACKS.names())} (default dlg)"
+    )
+    a.add_argument(
+        "--model", default=S, help=f"victim: {', '.join(MODELS.names())} (default lenet)"
+    )
     a.add_argument(
         "--activation", default=S, help=f"victim activation: {', '.join(sorted(ACTIVATIONS))}"
     )

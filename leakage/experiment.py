@@ -131,7 +131,9 @@ def load_config(path: str | Path, **overrides: Any) -> AttackConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ValueError(
+            f"config file {path} is not valid YAML: {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values")
     return make_config({**{str(k).replace("-", "_"): v for k, v in data.items()}, **overrides})
@@ -142,7 +144,9 @@ def make_config(values: dict[str, Any]) -> AttackConfig:
     valid = [f.name for f in dataclasses.fields(AttackConfig)]
     unknown = sorted(set(values) - set(valid))
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+        raise ValueError(
+            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
+        )
     return AttackConfig(**values)
 
 
@@ -241,7 +245,9 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
     seen: list[Observation] = []
     truth: list[GroundTruth] = []
     client = Client(0, batch.images, batch.labels, training=LocalTraining("fedsgd"))
-    Server(model, [client], listeners=[seen.append], truth_listeners=[truth.append], seed=cfg.seed).run_round()
+    Server(
+        model, [client], listeners=[seen.append], truth_listeners=[truth.append], seed=cfg.seed
+    ).run_round()
 
     attack = build_attack(cfg.attack, steps=cfg.steps, restarts=cfg.restarts, device=cfg.device)
     start = time.perf_counter()

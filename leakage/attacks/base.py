@@ -24,6 +24,7 @@ class Reconstruction:
         history: matching loss after each optimiser step of the kept restart.
         restart_losses: final matching loss of every restart tried.
         steps: optimiser steps taken by the kept restart.
+        total_steps: optimiser steps over all restarts.
         evaluations: objective evaluations (forward + double backward) over all restarts.
         stopped: why the kept restart stopped (``"converged"``, ``"steps"``,
             ``"non-finite"``).
@@ -35,6 +36,7 @@ class Reconstruction:
     history: list[float] = field(default_factory=list)
     restart_losses: list[float] = field(default_factory=list)
     steps: int = 0
+    total_steps: int = 0
     evaluations: int = 0
     stopped: str = "steps"
 

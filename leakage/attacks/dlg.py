@@ -124,18 +124,24 @@ def match_gradients(
 
     kept: Reconstruction | None = None
     losses: list[float] = []
-    evaluations = 0
-    with _native_cpu(device), tqdm(
-        total=steps * restarts, disable=not progress, desc="gradient matching", leave=False
-    ) as bar:
+    evaluations = total_steps = 0
+    with (
+        _native_cpu(device),
+        tqdm(
+            total=steps * restarts, disable=not progress, desc="gradient matching", leave=False
+        ) as bar,
+    ):
         for r in range(restarts):
             x = torch.rand if init == "uniform" else torch.randn
             x0 = x((proto.batch_size, *obs.model_spec.in_shape), generator=generator)
             y0 = torch.randn(proto.batch_size, obs.model_spec.num_classes, generator=generator)
             rec = problem.solve(x0.to(device, dt), y0.to(device, dt), steps, max_iter, lr, tol, bar)
             evaluations += rec.evaluations
+            total_steps += rec.steps
             losses.append(rec.loss)
-            log.debug("restart %d: loss %.3g after %d steps (%s)", r, rec.loss, rec.steps, rec.stopped)
+            log.debug(
+                "restart %d: loss %.3g after %d steps (%s)", r, rec.loss, rec.steps, rec.stopped
+            )
             if kept is None or rec.loss < kept.loss:
                 kept = rec
             if kept.stopped == "converged":
@@ -148,6 +154,7 @@ def match_gradients(
         history=kept.history,
         restart_losses=losses,
         steps=kept.steps,
+        total_steps=total_steps,
         evaluations=evaluations,
         stopped=kept.stopped,
     )

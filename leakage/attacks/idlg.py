@@ -30,7 +30,9 @@ def recover_labels(obs: Observation) -> torch.Tensor:
     model = obs.model()
     w_idx, _ = last_linear(model)
     proto = obs.protocol
-    flat = observed_gradient(obs.update.tensors, obs.update.kind, lr=proto.lr, steps=proto.local_steps)
+    flat = observed_gradient(
+        obs.update.tensors, obs.update.kind, lr=proto.lr, steps=proto.local_steps
+    )
     sizes = [p.numel() for p in model.parameters()]
     weight_grad = torch.split(flat, sizes)[w_idx].view_as(list(model.parameters())[w_idx])
     return per_class_minimum_labels(weight_grad, proto.batch_size)
@@ -38,9 +40,9 @@ def recover_labels(obs: Observation) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class IDLG:
-    """iDLG: analytic labels, then L-BFGS on the images only (see :class:`~leakage.attacks.dlg.DLG`).
+    """iDLG: analytic labels, then L-BFGS on the images only.
 
-    Args: as for DLG.
+    Args: as for :class:`~leakage.attacks.dlg.DLG`.
     """
 
     steps: int = 300

@@ -140,9 +140,7 @@ def test_update_with_tensors_replaces_tensors():
     assert isinstance(new.tensors, tuple)
 
 
-@pytest.mark.parametrize(
-    ("kind", "num_samples"), [("weights", 1), ("gradient", 0), ("delta", -3)]
-)
+@pytest.mark.parametrize(("kind", "num_samples"), [("weights", 1), ("gradient", 0), ("delta", -3)])
 def test_update_rejects_bad_metadata(kind, num_samples):
     with pytest.raises(ValueError):
         Update((torch.zeros(1),), kind, num_samples=num_samples)
@@ -256,9 +254,7 @@ def test_fedavg_num_samples_and_protocol(n, batch_size, steps, seen):
     assert torch.equal(truth.labels, y[rows])
     protocol = client.protocol()
     b = n if batch_size is None else min(batch_size, n)
-    assert protocol == fl_core.Protocol(
-        "fedavg", seen, b, local_steps=steps, lr=0.05, momentum=0.0
-    )
+    assert protocol == fl_core.Protocol("fedavg", seen, b, local_steps=steps, lr=0.05, momentum=0.0)
 
 
 def test_fedsgd_protocol():
@@ -336,7 +332,8 @@ def test_listeners_get_one_observation_per_client_per_round():
             assert torch.equal(truth.images, client.images)
             assert torch.equal(truth.labels, client.labels)
             # and the update is the gradient of that data at the observed model
-            for got, want in zip(obs.update.tensors, _grad(obs.model(), truth.images, truth.labels)):
+            expected = _grad(obs.model(), truth.images, truth.labels)
+            for got, want in zip(obs.update.tensors, expected, strict=True):
                 torch.testing.assert_close(got, want)
     # stored observations keep the parameters they were sent, not the live model
     assert torch.equal(observations[0].parameters[0], snapshots[0][0])
@@ -380,13 +377,19 @@ def test_observation_never_reaches_client_images(name, shape, algorithm):
     clients = _clients([1, 3], shape, training=training)
     observations: list[Observation] = []
     truths: list[GroundTruth] = []
-    Server(model, clients, listeners=[observations.append], truth_listeners=[truths.append]).run_round()
+    Server(
+        model, clients, listeners=[observations.append], truth_listeners=[truths.append]
+    ).run_round()
     assert len(observations) == 2
     for obs, truth in zip(observations, truths):
         obs.update.flat  # noqa: B018 -- fill the cached flat view so the walk sees it
         tensors: list[torch.Tensor] = []
         _walk(obs, tensors, set())
-        assert tensors
+        # the walk reaches what the attacker gets: parameters, buffers, update, flat view
+        reached = {id(t) for t in tensors}
+        expected = [*obs.parameters, *obs.update.tensors, *obs.update.buffers, obs.update.flat]
+        assert all(id(t) in reached for t in expected)
+        assert all(id(b) in reached for _, b in obs.buffers)
         client = clients[obs.client_id]
         private = [client.images, truth.images]
         private_ptrs = {t.untyped_storage().data_ptr() for t in private}
@@ -433,7 +436,10 @@ def test_fedavg_server_step_adds_weighted_mean_delta():
     before = _params(model)
     observations: list[Observation] = []
     server = Server(
-        model, _clients([2, 5, 9], training=training), server_lr=0.5, listeners=[observations.append]
+        model,
+        _clients([2, 5, 9], training=training),
+        server_lr=0.5,
+        listeners=[observations.append],
     )
     record = server.run_round()
     assert record.num_samples == [2, 4, 4]

@@ -70,7 +70,9 @@ def test_idlg_label_is_exact_at_batch_one(name, options):
     """iDLG's analytic label (Zhao et al. 2020: 100% at batch 1) on >= 20 images."""
     images, labels = _twenty_images()
     assert len(images) >= 20
-    model = build_model(name, activation="sigmoid", generator=torch.Generator().manual_seed(3), **options)
+    model = build_model(
+        name, activation="sigmoid", generator=torch.Generator().manual_seed(3), **options
+    )
     got = []
     for i in range(len(images)):
         obs = observe(model, images[i : i + 1], labels[i : i + 1])

@@ -68,8 +68,19 @@ def test_own_images_and_yaml_config(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("attack: idlg\nnum-classes: 10\nsteps: 15\nrestarts: 1\n")
     code, _, err = run(
-        ["attack", "--config", str(cfg), "--images", *paths, "--labels", "4", "7",
-         "--out", str(tmp_path / "r"), "--quiet"],
+        [
+            "attack",
+            "--config",
+            str(cfg),
+            "--images",
+            *paths,
+            "--labels",
+            "4",
+            "7",
+            "--out",
+            str(tmp_path / "r"),
+            "--quiet",
+        ],
         capsys,
     )
     assert code == 0, err
@@ -122,7 +133,10 @@ def test_console_script_has_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, "-m", "leakage", "attack", "--model", "nope", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

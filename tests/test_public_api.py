@@ -1,0 +1,109 @@
+"""The packages' public API (HOUSE_STYLE.md, item 1) and the defenses' skeleton.
+
+Each package declares its public names in a sorted ``__all__`` and every listed
+name exists; ``DESIGN.md`` fixes who may import whom.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import defenses
+from fl_core import Client, LocalTraining, Server, Update, build_model
+
+PACKAGES = ["fl_core", "leakage", "leakage.attacks", "defenses"]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_all_is_sorted_unique_and_complete(package):
+    module = importlib.import_module(package)
+    names = list(module.__all__)
+    assert names, f"{package}.__all__ is empty"
+    assert names == sorted(names)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    assert not duplicates
+    missing = [n for n in names if not hasattr(module, n)]
+    assert not missing, f"{package}.__all__ lists names it does not define: {missing}"
+    namespace: dict[str, object] = {}
+    exec(f"from {package} import *", namespace)  # noqa: S102 -- star import of __all__
+    assert set(namespace) - {"__builtins__"} == set(names)
+
+
+def test_import_direction():
+    """DESIGN.md: ``fl_core`` imports neither ``leakage`` nor ``defenses``;
+    ``defenses`` imports ``fl_core`` only (a fresh interpreter, so that this test
+    session's imports do not count)."""
+    code = (
+        "import sys\n"
+        "def loaded(*tops):\n"
+        "    return sorted(m for m in sys.modules if m.split('.')[0] in tops)\n"
+        "import fl_core\n"
+        "bad = loaded('leakage', 'defenses')\n"
+        "import defenses\n"
+        "bad += loaded('leakage')\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+# ---------------------------------------------------------------- defenses skeleton
+
+
+def _update() -> Update:
+    g = torch.Generator().manual_seed(0)
+    tensors = (torch.randn(3, generator=g), torch.randn(2, 2, generator=g))
+    return Update(tensors, "gradient", num_samples=2, client_id=1, round=3)
+
+
+def test_identity_returns_the_update_untouched():
+    update = _update()
+    copies = [t.clone() for t in update.tensors]
+    generator = torch.Generator().manual_seed(5)
+    state = generator.get_state()
+    out = defenses.Identity()(update, generator=generator)
+    assert out is update
+    for got, want in zip(out.tensors, copies, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(generator.get_state(), state)  # draws no randomness
+
+
+def test_identity_in_a_round_changes_nothing():
+    def run(client_defenses) -> torch.Tensor:
+        model = build_model("lenet", in_shape=(1, 8, 8))
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.rand(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+        training = LocalTraining("fedavg", batch_size=2, local_steps=2, lr=0.1)
+        clients = [Client(0, x[:2], y[:2], training=training), Client(1, x, y, training=training)]
+        Server(model, clients, client_defenses=client_defenses, seed=2).run_round()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    assert torch.equal(run([defenses.Identity()]), run([]))
+
+
+def test_compose_applies_in_order():
+    calls: list[tuple[str, torch.Generator]] = []
+
+    def add_one(update: Update, *, generator: torch.Generator) -> Update:
+        calls.append(("add_one", generator))
+        return update.with_flat(update.flat + 1)
+
+    def double(update: Update, *, generator: torch.Generator) -> Update:
+        calls.append(("double", generator))
+        return update.with_flat(update.flat * 2)
+
+    update = Update((torch.tensor([1.0, 2.0]), torch.tensor([[0.5]])), "delta", num_samples=4)
+    g = torch.Generator().manual_seed(0)
+    out = defenses.compose(add_one, double)(update, generator=g)
+    assert torch.equal(out.flat, torch.tensor([4.0, 6.0, 3.0]))  # (x + 1) * 2 by hand
+    assert calls == [("add_one", g), ("double", g)]  # in order, same generator
+    assert (out.kind, out.num_samples) == ("delta", 4)
+    reverse = defenses.compose(double, add_one)(update, generator=g)
+    assert torch.equal(reverse.flat, torch.tensor([3.0, 5.0, 2.0]))  # x * 2 + 1
+    assert defenses.compose()(update, generator=g) is update
