@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,14 +43,15 @@ class ModelSpec:
     """Everything needed to rebuild a victim's architecture (not its weights).
 
     The server publishes the architecture with the global model, so an attacker
-    may rebuild it from this spec and load the observed parameters.
+    may rebuild it from this spec and load the observed parameters. Hashable:
+    victim-specific ``options`` are kept as sorted ``(name, value)`` pairs.
     """
 
     name: str
     num_classes: int = 10
     in_shape: tuple[int, int, int] = (3, 32, 32)
     activation: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: tuple[tuple[str, Any], ...] = ()
 
     def build(self, *, generator: torch.Generator | None = None) -> nn.Module:
         """A fresh model of this architecture, initialised from ``generator``."""
@@ -60,7 +61,7 @@ class ModelSpec:
             in_shape=self.in_shape,
             activation=self.activation,
             generator=generator,
-            **self.options,
+            **dict(self.options),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,7 +128,9 @@ def build_model(
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._NormBase):
             module.reset_running_stats()
-    model.spec = ModelSpec(name, num_classes, in_shape, resolved_activation, dict(options))
+    model.spec = ModelSpec(
+        name, num_classes, in_shape, resolved_activation, tuple(sorted(options.items()))
+    )
     return model.train()
 
 

@@ -58,5 +58,5 @@ def train_centralized(
         loss = F.cross_entropy(model(images[idx].to(device)), labels[idx].to(device))
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses

@@ -116,6 +116,9 @@ class Protocol:
 class Observation:
     """What the server sees of one client in one round: the attacker's whole input.
 
+    Treat it as read-only: its tensors are shared with the server (the update
+    is the one it aggregates; the global parameters are one snapshot per round).
+
     Attributes:
         round: round index.
         client_id: the sending client.

@@ -578,23 +578,22 @@ def _fashion_mnist(root) -> tuple[fl_core.ImageData, fl_core.ImageData]:
 
 
 def test_fedavg_learns_fashion_mnist(shared_datasets):
-    """FedAvg (McMahan et al. 2017) with the 2-layer CNN beats chance (0.1) by far.
+    """FedAvg (McMahan et al. 2017) with the sigmoid CNN beats chance (0.1) by far.
 
-    3000 training images in 10 IID clients, 5 clients per round, 3 rounds of 20
-    local steps of batch 20 (lr 0.05, momentum 0.9). Measured test accuracy on
-    1000 test images: 0.711 after round 3 (0.435, 0.702 after rounds 1, 2); the
-    bar is 0.5. ReLU, because the default sigmoid victim stays at chance in this
-    budget (measured 0.122: one class predicted); sigmoid is the leakage victim's
-    choice, not a quickly trainable one.
+    3000 training images in 10 IID clients, 5 clients per round, 3 rounds of 150
+    local SGD steps of batch 20 at lr 0.01, momentum 0.9 (the seed study's local
+    settings). Measured test accuracy on 1000 test images: 0.122, 0.434, 0.638
+    after rounds 1-3; the bar is 0.5. The sigmoid CNN sits on a plateau for its
+    first ~200 SGD steps (and does not train at lr 0.05), hence 150 local steps.
     """
     train, test = _fashion_mnist(shared_datasets)
     parts = partition_iid(len(train), 10, seed=0)
-    training = LocalTraining("fedavg", batch_size=20, local_steps=20, lr=0.05, momentum=0.9)
+    training = LocalTraining("fedavg", batch_size=20, local_steps=150, lr=0.01, momentum=0.9)
     clients = [
         Client(i, train.images[idx], train.labels[idx], training=training)
         for i, idx in enumerate(parts)
     ]
-    model = build_model("cnn", in_shape=train.shape, activation="relu", generator=_gen(0))
+    model = build_model("cnn", in_shape=train.shape, generator=_gen(0))
     server = Server(
         model,
         clients,
@@ -609,17 +608,17 @@ def test_fedavg_learns_fashion_mnist(shared_datasets):
 
 
 def test_centralized_baseline_learns_fashion_mnist(shared_datasets):
-    """Plain SGD on the same model and data beats chance (0.1) by far.
+    """Plain SGD on the same sigmoid CNN and data beats chance (0.1) by far.
 
-    300 steps of batch 20 (lr 0.05, momentum 0.9): measured test accuracy 0.769,
-    mean loss 1.38 over the first 50 steps and 0.62 over the last 50 (ln 10 = 2.30
-    at chance). The sigmoid CNN measured 0.09 here (loss 2.57 -> 2.31).
+    500 steps of batch 20 (lr 0.01, momentum 0.9): measured test accuracy 0.562,
+    mean loss 2.49 over the first 50 steps and 1.01 over the last 50 (ln 10 = 2.30
+    at chance).
     """
     train, test = _fashion_mnist(shared_datasets)
-    model = build_model("cnn", in_shape=train.shape, activation="relu", generator=_gen(0))
+    model = build_model("cnn", in_shape=train.shape, generator=_gen(0))
     losses = train_centralized(
-        model, train.images, train.labels, steps=300, batch_size=20, lr=0.05, generator=_gen(0)
+        model, train.images, train.labels, steps=500, batch_size=20, lr=0.01, generator=_gen(0)
     )
-    assert len(losses) == 300
-    assert sum(losses[-50:]) < 0.7 * sum(losses[:50])
-    assert evaluate_accuracy(model, test.images, test.labels) > 0.5
+    assert len(losses) == 500
+    assert sum(losses[-50:]) < 0.6 * sum(losses[:50])
+    assert evaluate_accuracy(model, test.images, test.labels) > 0.4
