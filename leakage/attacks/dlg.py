@@ -10,8 +10,9 @@ Where the lab departs from the paper's code, and why (measured with
 * dummy images start uniform in the valid pixel range [0, 1] instead of
   N(0, 1): from the original start about a third of 32x32 RGB runs end in a
   flat region of the sigmoid network (PSNR ≈ 5 dB);
-* L-BFGS uses a strong-Wolfe line search, so one bad curvature estimate cannot
-  throw the iterate to a non-finite loss;
+* L-BFGS (:class:`leakage.optim.LBFGS`, compact form) uses a strong-Wolfe line
+  search that treats a non-finite loss as a step too long, so one bad
+  curvature estimate cannot throw the iterate to a non-finite loss;
 * L-BFGS sees the loss divided by ‖∇θ‖² and multiplied by
   :data:`OBJECTIVE_SCALE`: torch's L-BFGS discards curvature pairs with
   yᵀs ≤ 1e-10, which silently degrades it to gradient descent when a small raw
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from fl_core.types import Observation
 
 from ..objectives import flat_gradient, observed_gradient, soft_cross_entropy, squared_distance
+from ..optim import LBFGS
 from .base import ATTACKS, Reconstruction
 
 __all__ = ["DLG", "OBJECTIVE_SCALE", "match_gradients"]
@@ -45,10 +47,6 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE_SCALE = 1e4
 """Value of the relative objective L-BFGS sees at ‖∇θ' − ∇θ‖² = ‖∇θ‖²."""
-
-
-class _NonFinite(Exception):
-    pass
 
 
 @contextlib.contextmanager
@@ -173,41 +171,30 @@ class _Problem:
 
     def solve(self, x0, y0, steps, max_iter, lr, tol, bar) -> Reconstruction:
         """One restart from images x0 (B, C, H, W) and label logits y0 (B, K)."""
-        x = x0.clone().requires_grad_(True)
-        y = y0.clone().requires_grad_(self.labels is None)
-        variables = [x, y] if self.labels is None else [x]
-        optimizer = torch.optim.LBFGS(
-            variables,
-            lr=lr,
-            max_iter=max_iter,
-            tolerance_grad=1e-12,
-            tolerance_change=1e-15,
-            line_search_fn="strong_wolfe",
-        )
-        count = 0
+        nx = x0.numel()
+        learn_labels = self.labels is None
+        z = torch.cat([x0.reshape(-1), y0.reshape(-1)]) if learn_labels else x0.reshape(-1).clone()
 
-        def closure() -> torch.Tensor:
-            nonlocal count
-            count += 1
-            targets = self.labels if self.labels is not None else y.softmax(-1)  # (B,) | (B, K)
+        def objective(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z = z.detach().requires_grad_(True)
+            x = z[:nx].view_as(x0)  # (B, C, H, W)
+            targets = z[nx:].view_as(y0).softmax(-1) if learn_labels else self.labels
             dummy = flat_gradient(
                 soft_cross_entropy(self.model(x), targets), self.params, create_graph=True
             )  # (d,)
             loss = squared_distance(dummy, self.target) * self.scale
             if not torch.isfinite(loss):
-                raise _NonFinite
-            for v, g in zip(variables, torch.autograd.grad(loss, variables)):
-                v.grad = g
-            return loss.detach()
+                return loss.detach(), torch.zeros_like(z)
+            return loss.detach(), torch.autograd.grad(loss, z)[0]
 
+        optimizer = LBFGS(objective, z, lr=lr)
         history: list[float] = []
         stopped = "steps"
-        good = (x.detach().clone(), y.detach().clone())
+        good = z.clone()
         for _ in range(steps):
-            start = (x.detach().clone(), y.detach().clone())
-            try:
-                loss = float(optimizer.step(closure)) / self.scale  # the loss at `start`
-            except _NonFinite:
+            start = z.clone()
+            loss = optimizer.step(max_iter) / self.scale  # the loss at `start`
+            if not math.isfinite(loss):
                 stopped = "non-finite"
                 break
             history.append(loss)
@@ -216,25 +203,27 @@ class _Problem:
             if loss <= tol * self.norm2:
                 stopped = "converged"
                 break
-            if len(history) > 1 and history[-2] - loss <= 1e-12 * history[-2]:
+            if optimizer.stopped or (len(history) > 1 and history[-2] - loss <= 1e-12 * loss):
                 stopped = "stalled"
+                if optimizer.f is not None and optimizer.f / self.scale < loss:
+                    history.append(optimizer.f / self.scale)
+                    good = z.clone()
                 break
         else:
-            try:  # score the point the last step reached
-                history.append(float(closure()) / self.scale)
-                good = (x.detach().clone(), y.detach().clone())
-                if history[-1] <= tol * self.norm2:
-                    stopped = "converged"
-            except _NonFinite:
-                stopped = "non-finite"
-        labels = self.labels if self.labels is not None else good[1].argmax(-1)
+            if optimizer.f is not None and math.isfinite(optimizer.f):
+                history.append(optimizer.f / self.scale)  # the point the last step reached
+                good = z.clone()
+        if history and history[-1] <= tol * self.norm2:
+            stopped = "converged"
+        images = good[:nx].view_as(x0)
+        labels = self.labels if not learn_labels else good[nx:].view_as(y0).argmax(-1)
         return Reconstruction(
-            images=good[0].clamp(0, 1).float().cpu(),
+            images=images.clamp(0, 1).float().cpu(),
             labels=labels.detach().cpu(),
             loss=history[-1] if history else math.inf,
             history=history,
             steps=len(history),
-            evaluations=count,
+            evaluations=optimizer.evaluations,
             stopped=stopped,
         )
 
