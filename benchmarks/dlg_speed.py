@@ -46,6 +46,8 @@ def run_one(attack: str, batch: int, first: int, seed: int, steps: int, restarts
         "batch": batch,
         "first": first,
         "seed": seed,
+        "steps_limit": steps,
+        "restarts": restarts,
         "names": [data.names[i] for i in idx],
         "seconds": seconds,
         "steps": rec.total_steps,
@@ -60,50 +62,62 @@ def run_one(attack: str, batch: int, first: int, seed: int, steps: int, restarts
 
 
 def key(row: dict) -> tuple:
-    return (row["attack"], row["batch"], row["first"], row["seed"])
+    return (
+        row["attack"],
+        row["batch"],
+        row["first"],
+        row["seed"],
+        row["steps_limit"],
+        row["restarts"],
+    )
 
 
 def summarise(rows: list[dict]) -> list[dict]:
+    """One line per (attack, batch size, steps, restarts) setting."""
     out = []
-    for attack in sorted({r["attack"] for r in rows}):
-        for batch in sorted({r["batch"] for r in rows if r["attack"] == attack}):
-            rs = [r for r in rows if r["attack"] == attack and r["batch"] == batch]
-            ok = [r for r in rs if r["min_psnr"] >= SUCCESS_DB]
-            evals = sum(r["evaluations"] for r in rs)
-            secs = sum(r["seconds"] for r in rs)
-            out.append(
-                {
-                    "attack": attack,
-                    "batch": batch,
-                    "runs": len(rs),
-                    "success": f"{len(ok)}/{len(rs)}",
-                    "s_per_eval_ms": 1e3 * secs / max(evals, 1),
-                    "s_per_step": secs / max(sum(r["steps"] for r in rs), 1),
-                    "median_s_success": statistics.median([r["seconds"] for r in ok])
-                    if ok
-                    else None,
-                    "median_s_all": statistics.median([r["seconds"] for r in rs]),
-                    "median_psnr": statistics.median([p for r in rs for p in r["psnr"]]),
-                    "label_accuracy": statistics.mean([r["label_accuracy"] for r in rs]),
-                }
-            )
+    for setting in sorted(
+        {(r["attack"], r["batch"], r["steps_limit"], r["restarts"]) for r in rows}
+    ):
+        rs = [
+            r for r in rows if (r["attack"], r["batch"], r["steps_limit"], r["restarts"]) == setting
+        ]
+        ok = [r for r in rs if r["min_psnr"] >= SUCCESS_DB]
+        secs = sum(r["seconds"] for r in rs)
+        out.append(
+            {
+                "attack": setting[0],
+                "batch": setting[1],
+                "steps": setting[2],
+                "restarts": setting[3],
+                "runs": len(rs),
+                "success": f"{len(ok)}/{len(rs)}",
+                "ms_per_eval": 1e3 * secs / max(sum(r["evaluations"] for r in rs), 1),
+                "s_per_step": secs / max(sum(r["steps"] for r in rs), 1),
+                "median_s_success": statistics.median([r["seconds"] for r in ok]) if ok else None,
+                "median_s_all": statistics.median([r["seconds"] for r in rs]),
+                "median_psnr": statistics.median([p for r in rs for p in r["psnr"]]),
+                "label_accuracy": statistics.mean([r["label_accuracy"] for r in rs]),
+            }
+        )
     return out
 
 
 def markdown(summary: list[dict]) -> str:
     head = (
-        "| attack | batch | runs | success (PSNR >= 30 dB) | ms / evaluation | s / L-BFGS step "
+        "| attack | batch | steps | restarts | runs | success (PSNR >= 30 dB) | ms / evaluation "
+        "| s / L-BFGS step "
         "| median s (successes) | median s (all) | median PSNR | label acc. |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
 
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
 
     cols = [
-        ("attack", "s"), ("batch", "d"), ("runs", "d"), ("success", "s"),
-        ("s_per_eval_ms", ".2f"), ("s_per_step", ".3f"), ("median_s_success", ".1f"),
-        ("median_s_all", ".1f"), ("median_psnr", ".1f"), ("label_accuracy", ".2f"),
+        ("attack", "s"), ("batch", "d"), ("steps", "d"), ("restarts", "d"),
+        ("runs", "d"), ("success", "s"), ("ms_per_eval", ".2f"), ("s_per_step", ".3f"),
+        ("median_s_success", ".1f"), ("median_s_all", ".1f"), ("median_psnr", ".1f"),
+        ("label_accuracy", ".2f"),
     ]  # fmt: skip
     return head + "".join(
         "| " + " | ".join(f(s[k], fmt) for k, fmt in cols) + " |\n" for s in summary
@@ -134,7 +148,7 @@ def main(argv=None) -> None:
     )
     done = {key(r) for r in rows}
     plan = [
-        (a, b, first, seed)
+        (a, b, first, seed, args.steps, args.restarts)
         for a in args.attacks
         for b in args.batch_sizes
         for first in range(args.images)
@@ -142,7 +156,7 @@ def main(argv=None) -> None:
     ]
     todo = [c for c in plan if c not in done]
     print(f"{len(plan) - len(todo)} of {len(plan)} runs already in {store}; running {len(todo)}")
-    for n, (a, b, first, seed) in enumerate(todo, 1):
+    for n, (a, b, first, seed, _, _) in enumerate(todo, 1):
         row = run_one(a, b, first, seed, args.steps, args.restarts)
         with store.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -152,8 +166,7 @@ def main(argv=None) -> None:
             f"min PSNR {row['min_psnr']:.1f} dB, {row['seconds']:.1f} s, {row['stopped']}",
             flush=True,
         )
-    wanted = set(plan)
-    table = markdown(summarise([r for r in rows if key(r) in wanted]))
+    table = markdown(summarise(rows))
     (out / "summary.md").write_text(table)
     print()
     print(table)

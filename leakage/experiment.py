@@ -173,13 +173,14 @@ def _target_batch(cfg: AttackConfig) -> ImageData:
             "runs past its end"
         )
     batch = data.subset(list(range(cfg.index, cfg.index + b)))
-    if int(batch.labels.max()) >= cfg.num_classes:
-        raise ValueError(
-            f"dataset {cfg.dataset} has labels up to {int(batch.labels.max())}; "
-            f"use num_classes >= {int(batch.labels.max()) + 1}"
-        )
     if cfg.labels:
         batch = dataclasses.replace(batch, labels=torch.tensor(cfg.labels, dtype=torch.int64))
+    labels = batch.labels.tolist()
+    if min(labels) < 0 or max(labels) >= cfg.num_classes:
+        raise ValueError(
+            f"batch labels {labels} do not fit a victim with {cfg.num_classes} classes; "
+            f"use --num-classes {max(labels) + 1} or labels below {cfg.num_classes}"
+        )
     return batch
 
 
@@ -232,8 +233,6 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no GPU is available; use --device cpu")
     batch = _target_batch(cfg)
-    if batch.labels.max() >= cfg.num_classes:
-        raise ValueError(f"labels must be below num_classes={cfg.num_classes}")
 
     model = build_model(
         cfg.model,

@@ -56,11 +56,7 @@ def plot_reconstruction(
     axes[1, 0].set_ylabel("reconstruction")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_history(history: Sequence[float], path: str | Path, *, title: str = "") -> Path:
@@ -73,6 +69,10 @@ def plot_history(history: Sequence[float], path: str | Path, *, title: str = "")
     ax.grid(True, which="both", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -15,8 +15,8 @@ from fl_core.types import Observation
 
 from ..labels import per_class_minimum_labels
 from ..objectives import last_linear, observed_gradient
-from .base import ATTACKS, Reconstruction
-from .dlg import match_gradients
+from .base import ATTACKS
+from .dlg import DLG
 
 __all__ = ["IDLG", "recover_labels"]
 
@@ -39,43 +39,15 @@ def recover_labels(obs: Observation) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class IDLG:
-    """iDLG: analytic labels, then L-BFGS on the images only.
+class IDLG(DLG):
+    """iDLG: the label read off the last layer's gradient, then L-BFGS on the images only.
 
-    Args: as for :class:`~leakage.attacks.dlg.DLG`.
+    Same parameters as :class:`~leakage.attacks.dlg.DLG`.
     """
 
-    steps: int = 300
-    restarts: int = 4
-    max_iter: int = 20
-    lr: float = 1.0
-    init: str = "uniform"
-    tol: float = 1e-8
-    dtype: str = "float64"
-    device: str = "cpu"
-
-    def reconstruct(
-        self,
-        obs: Observation,
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Reconstruction:
-        """Invert ``obs``'s gradient; returns images (B, C, H, W) and labels (B,)."""
-        return match_gradients(
-            obs,
-            labels=recover_labels(obs),
-            steps=self.steps,
-            restarts=self.restarts,
-            max_iter=self.max_iter,
-            lr=self.lr,
-            init=self.init,
-            tol=self.tol,
-            dtype=self.dtype,
-            device=self.device,
-            generator=generator,
-            progress=progress,
-        )
+    def labels(self, obs: Observation) -> torch.Tensor:
+        """Labels revealed by the gradient, see :func:`recover_labels`."""
+        return recover_labels(obs)
 
 
 ATTACKS.register("idlg")(IDLG)
