@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=S, help="images in the batch (default 1)")
     a.add_argument("--steps", type=int, default=S, help="attack optimiser steps (default 300)")
     a.add_argument("--restarts", type=int, default=S, help="random restarts (default 4)")
+    a.add_argument(
+        "--precision", default=S, help="auto (float64 for small victims), float32 or float64"
+    )
     a.add_argument("--seed", type=int, default=S, help="seed of weights and attack (default 0)")
     a.add_argument("--device", default=S, help="cpu or cuda (default cpu)")
     a.add_argument("--out", default=S, help="output folder (default: new folder under results/)")

@@ -58,6 +58,8 @@ class AttackConfig:
         batch_size: images in the batch (``None``: 1, or the number of ``images``).
         steps: optimiser steps of the attack.
         restarts: random restarts of the attack.
+        precision: the attack's float precision: ``auto`` (float64 for small
+            victims such as LeNet, float32 for ResNet-18), ``float32``, ``float64``.
         seed: seed of the victim's weights and of the attack's random start.
         device: ``cpu`` or ``cuda``.
         out: output folder (``None``: a new folder under ``results/``).
@@ -78,6 +80,7 @@ class AttackConfig:
     batch_size: int | None = None
     steps: int = 300
     restarts: int = 4
+    precision: str = "auto"
     seed: int = 0
     device: str = "cpu"
     out: str | None = None
@@ -102,6 +105,8 @@ class AttackConfig:
         ATTACKS.get(self.attack)
         if self.steps < 1 or self.restarts < 1:
             raise ValueError("steps and restarts must be positive integers")
+        if self.precision not in ("auto", "float32", "float64"):
+            raise ValueError(f"unknown precision {self.precision!r}; valid: auto, float32, float64")
         if self.index < 0:
             raise ValueError(f"index {self.index}: use a non-negative integer")
 
@@ -248,7 +253,9 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
         model, [client], listeners=[seen.append], truth_listeners=[truth.append], seed=cfg.seed
     ).run_round()
 
-    attack = build_attack(cfg.attack, steps=cfg.steps, restarts=cfg.restarts, device=cfg.device)
+    attack = build_attack(
+        cfg.attack, steps=cfg.steps, restarts=cfg.restarts, dtype=cfg.precision, device=cfg.device
+    )
     start = time.perf_counter()
     rec = attack.reconstruct(
         seen[0], generator=torch.Generator().manual_seed(cfg.seed), progress=progress
