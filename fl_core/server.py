@@ -32,6 +32,9 @@ __all__ = ["Server", "fedavg", "round_generator"]
 
 log = logging.getLogger(__name__)
 
+SERVER_STREAM = 2**31 - 1
+"""Generator stream of the server's own draws (post-aggregation noise); clients use 1 + id."""
+
 ClientDefense = Callable[..., Update]
 Listener = Callable[[Observation], None]
 TruthListener = Callable[[GroundTruth], None]
@@ -169,7 +172,7 @@ class Server:
         params = list(self.model.parameters())
         with torch.no_grad():
             new = [p + sign * self.server_lr * a.to(p) for p, a in zip(params, aggregate)]
-            g = round_generator(self.seed, round, -1 % 2**31)
+            g = round_generator(self.seed, round, SERVER_STREAM)
             for post in self.post_aggregation:
                 new = list(post(new, round=round, generator=g))
             for p, v in zip(params, new):
