@@ -5,8 +5,9 @@ operations per iteration (m = history size); for the small attack problems of
 the lab (a few thousand unknowns, ~1 ms per objective evaluation) that loop
 took ~40% of DLG's time. The compact representation (Byrd, Nocedal, Schnabel,
 "Representations of quasi-Newton matrices and their use in limited memory
-methods", Math. Prog. 63, 1994, eq. 3.1) computes the same direction with four
-matrix-vector products and two m×m triangular solves.
+methods", Math. Prog. 63, 1994, eq. 3.1) computes the same direction with two
+passes over the stacked [S; Y] history (two more when a pair is stored) and
+two m×m triangular solves.
 
 Also unlike torch's version: a curvature pair is kept when sᵀy > 1e-10·‖s‖‖y‖
 (relative, so the scale of the objective does not matter), and the strong-Wolfe
@@ -73,6 +74,7 @@ class LBFGS:
         self.YY = z.new_zeros(m, m)
         self.slots: list[int] = []  # ring slots, oldest first
         self.evaluations = 0
+        self.stopped: str | None = None
         self.f: float | None = None
         self.g: torch.Tensor | None = None
 
@@ -171,7 +173,7 @@ class LBFGS:
         """Up to ``max_iter`` iterations; returns the loss at the start of the step.
 
         ``self.stopped`` tells why the step ended early (``"gradient"``,
-        ``"no-progress"``) or is ``None``.
+        ``"no-progress"``, ``"non-finite"`` at the start point) or is ``None``.
         """
         self.stopped = None
         if self.f is None:
