@@ -4,6 +4,7 @@
 :class:`~fl_core.server.Server`'s hooks.
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .client import Client, LocalTraining
 from .data import (
     DATASETS,
@@ -19,7 +20,7 @@ from .models import ACTIVATIONS, MODELS, ModelSpec, build_model, count_parameter
 from .partition import label_skew, partition_dirichlet, partition_iid
 from .registry import Registry
 from .server import Server, fedavg, round_generator
-from .train import evaluate_accuracy, train_centralized
+from .train import evaluate_accuracy, train_centralized, train_victim
 from .types import GroundTruth, Observation, Protocol, RoundRecord, Update
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "evaluate_accuracy",
     "fedavg",
     "label_skew",
+    "load_checkpoint",
     "load_dataset",
     "load_image_files",
     "load_image_folder",
@@ -51,5 +53,7 @@ __all__ = [
     "partition_dirichlet",
     "partition_iid",
     "round_generator",
+    "save_checkpoint",
     "train_centralized",
+    "train_victim",
 ]

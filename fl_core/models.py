@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -109,7 +110,8 @@ def build_model(
         activation: activation name for victims that take one (``None``: the
             victim's default).
         generator: source of the initial weights (default: seed 0).
-        **options: victim-specific options (e.g. ``cifar_stem`` for ResNet-18).
+        **options: victim-specific options (``cifar_stem`` for ``resnet18``,
+            ``width`` and ``depth`` for ``mlp``).
 
     Returns:
         The model in train mode, on the CPU, with ``model.spec`` set to its
@@ -257,6 +259,134 @@ class ResNet18(nn.Module):
         return self.net(x)
 
 
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a parameter-free (option A) shortcut.
+
+    Input (B, c_in, H, W) -> (B, c_out, ceil(H/s), ceil(W/s)) for stride ``s``.
+    Where the shape changes, the shortcut subsamples the input by ``s`` and
+    appends ``c_out - c_in`` zero channels (He et al. 2016, sec. 3.3, option A).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, act: Callable) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.act1 = act()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = act()
+        self.stride, self.pad = stride, c_out - c_in
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]  # (B, c_in, ceil(H/s), ceil(W/s))
+        if self.pad:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.pad))  # (B, c_out, ...): zeros appended
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """The CIFAR ResNet-20 of He, Zhang, Ren, Sun, "Deep Residual Learning for
+    Image Recognition", CVPR 2016, sec. 4.2 (n = 3, 6n + 2 = 20 layers).
+
+    Conv(C->16, k3, p1) -> BN -> act -> 3 stages of 3 basic blocks with 16, 32
+    and 64 channels (stride 2 in the first block of stages 2 and 3) -> global
+    average pool -> Linear(64 -> classes). Convolutions have no bias (BatchNorm
+    follows each). 269,722 parameters for 3x32x32 inputs and 10 classes (the
+    paper's "0.27M").
+
+    Shortcuts are option A of the paper: identity, with stride-2 subsampling and
+    zero channels appended where the shape changes. The paper uses option A for
+    its CIFAR networks, so this model has the published parameter count and its
+    gradient (what an attacker observes) holds no projection weights that the
+    published victim lacks. Option B (1x1 projections and their BatchNorms) would
+    add 2,752 parameters.
+
+    Init: convolutions Kaiming-normal, std ``sqrt(2 / fan_out)`` (He et al. 2015,
+    as in fb.resnet.torch and torchvision), BatchNorm weight 1 and bias 0,
+    the linear layer PyTorch's default; all drawn from the generator.
+
+    Input (B, C, H, W), any C, H, W -> logits (B, classes); 28x28 inputs pass
+    through 28 -> 14 -> 7 spatially.
+    """
+
+    def __init__(self, num_classes: int, in_shape: tuple[int, int, int], act: Callable) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_shape[0], 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.act1 = act()
+        blocks, c_in = [], 16
+        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
+            stage = [_BasicBlock(c_in, c_out, stride, act)]
+            stage += [_BasicBlock(c_out, c_out, 1, act) for _ in range(2)]
+            blocks.append(nn.Sequential(*stage))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3 = blocks
+        self.fc = nn.Linear(64, num_classes)
+
+    def init_weights(self, g: torch.Generator) -> None:
+        _default_init(self.fc, g)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.out_channels * m.weight[0, 0].numel()
+                with torch.no_grad():
+                    m.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=g)
+            elif isinstance(m, nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))  # (B, 16, H, W)
+        x = self.layer3(self.layer2(self.layer1(x)))  # (B, 64, ceil(H/4), ceil(W/4))
+        return self.fc(x.mean(dim=(2, 3)))  # (B, 64) -> (B, classes)
+
+
+class MLP(nn.Module):
+    """A fully connected victim: Flatten -> Linear(C*H*W -> width) -> act ->
+    (Linear(width -> width) -> act) x (depth - 2) -> Linear(width -> classes).
+
+    ``depth`` counts the linear layers (``depth = 1``: multinomial logistic
+    regression, ``width`` unused). The first layer is always a ``Linear`` with
+    bias and comes first in ``parameters()``, so an update's tensors 0 and 1 are
+    its weight ``(width, C*H*W)`` and bias ``(width,)``. For one image, row ``i``
+    of the weight gradient is ``dL/db_i * x``: the input is read off analytically
+    (Phong et al., "Privacy-Preserving Deep Learning via Additively Homomorphic
+    Encryption", 2017; Geiping et al., NeurIPS 2020, sec. 4). PyTorch's default
+    init, drawn from the generator.
+
+    Input (B, C, H, W) -> logits (B, classes).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_shape: tuple[int, int, int],
+        act: Callable,
+        width: int,
+        depth: int,
+    ) -> None:
+        super().__init__()
+        sizes = [math.prod(in_shape)] + [width] * (depth - 1) + [num_classes]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(n_in, n_out))
+            if i < depth - 1:
+                layers.append(act())
+        self.net = nn.Sequential(*layers)
+
+    def init_weights(self, g: torch.Generator) -> None:
+        _default_init(self, g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, C, H, W) -> (B, C*H*W) -> ... -> (B, classes)
+
+
 def _swap_relu(module: nn.Module, act: Callable) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.ReLU):
@@ -284,3 +414,22 @@ def _resnet18(*, num_classes, in_shape, activation=None, cifar_stem: bool | None
         cifar_stem = max(in_shape[1:]) <= 64
     model = ResNet18(num_classes, in_shape, _activation(activation), bool(cifar_stem))
     return model, activation
+
+
+@MODELS.register("resnet20")
+def _resnet20(*, num_classes, in_shape, activation=None):
+    activation = activation or "relu"
+    return ResNet20(num_classes, in_shape, _activation(activation)), activation
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"mlp {what} must be a positive int; got {value!r}")
+    return value
+
+
+@MODELS.register("mlp")
+def _mlp(*, num_classes, in_shape, activation=None, width: int = 1024, depth: int = 3):
+    activation = activation or "relu"
+    width, depth = _positive_int(width, "width"), _positive_int(depth, "depth")
+    return MLP(num_classes, in_shape, _activation(activation), width, depth), activation

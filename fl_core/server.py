@@ -7,6 +7,11 @@ knowing them):
   to every update before it leaves the client;
 * ``listeners``: ``f(observation) -> None``, called for every client update of
   every round with exactly what the server sees (attackers are listeners);
+* ``aggregate_listeners``: ``f(observation) -> None``, called once per round
+  with what a server under secure aggregation sees: the sample-weighted mean
+  of the round's updates (:func:`fedavg`), ``client_id`` −1, and a protocol
+  whose ``num_samples`` is the total and ``client_samples`` the per-client
+  counts (all clients must share their local-training settings);
 * ``truth_listeners``: ``f(ground_truth) -> None``, the separate channel that
   carries each client's data to the metrics;
 * ``aggregator``: ``f(updates) -> tuple[Tensor, ...]``, default
@@ -18,6 +23,7 @@ knowing them):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
@@ -26,7 +32,7 @@ import torch
 from torch import nn
 
 from .client import Client, float_buffers
-from .types import GroundTruth, Observation, RoundRecord, Update
+from .types import GroundTruth, Observation, Protocol, RoundRecord, Update
 
 __all__ = ["Server", "fedavg", "round_generator"]
 
@@ -51,6 +57,25 @@ def fedavg(updates: Sequence[Update]) -> tuple[torch.Tensor, ...]:
     return tuple(sum(wk * t for wk, t in zip(w, ts)) for ts in zip(*(u.tensors for u in updates)))
 
 
+def _aggregate_observation(round, spec, params, buffers, updates, protocols) -> Observation:
+    """The secure-aggregation view of one round: only the weighted mean of all updates."""
+    settings = {
+        dataclasses.replace(
+            p, num_samples=0, client_samples=(), batch_size=p.batch_size * (p.algorithm != "fedsgd")
+        )
+        for p in protocols
+    }  # FedSGD clients may differ in batch size: each sends one full-batch gradient
+    if len(settings) != 1:
+        raise ValueError(
+            "aggregate listeners need clients with the same local-training settings "
+            "(algorithm, local steps, lr, and for FedAvg the batch size)"
+        )
+    counts = tuple(u.num_samples for u in updates)
+    update = Update(fedavg(updates), updates[0].kind, sum(counts), client_id=-1, round=round)
+    protocol = dataclasses.replace(protocols[0], num_samples=sum(counts), client_samples=counts)
+    return Observation(round, -1, spec, params, buffers, update, protocol)
+
+
 def round_generator(seed: int, round: int, stream: int) -> torch.Generator:
     """A generator for one (round, stream) pair, independent of call order."""
     state = np.random.SeedSequence([seed, round, stream]).generate_state(2, dtype=np.uint32)
@@ -66,7 +91,7 @@ class Server:
         clients_per_round: clients per round (``None``: all of them).
         server_lr: global step size; FedSGD moves θ ← θ − lr·g, FedAvg moves
             θ ← θ + lr·Δ.
-        listeners, truth_listeners, client_defenses, aggregator,
+        listeners, aggregate_listeners, truth_listeners, client_defenses, aggregator,
         post_aggregation, evaluate: hooks, see the module docstring.
         seed: the root of every random draw in the run (client sampling, batch
             choice, defense noise).
@@ -80,6 +105,7 @@ class Server:
         clients_per_round: int | None = None,
         server_lr: float = 1.0,
         listeners: Sequence[Listener] = (),
+        aggregate_listeners: Sequence[Listener] = (),
         truth_listeners: Sequence[TruthListener] = (),
         client_defenses: Sequence[ClientDefense] = (),
         aggregator: Aggregator = fedavg,
@@ -99,6 +125,7 @@ class Server:
         self.clients_per_round = k
         self.server_lr = server_lr
         self.listeners = list(listeners)
+        self.aggregate_listeners = list(aggregate_listeners)
         self.truth_listeners = list(truth_listeners)
         self.client_defenses = list(client_defenses)
         self.aggregator = aggregator
@@ -129,6 +156,7 @@ class Server:
         global_buffers = tuple((n, b.detach().clone()) for n, b in self.model.named_buffers())
         state = self.model.state_dict()
         updates: list[Update] = []
+        protocols: list[Protocol] = []
         for client in self.sample_clients(t):
             self._work.load_state_dict(state)
             g = round_generator(self.seed, t, 1 + client.client_id)
@@ -137,6 +165,7 @@ class Server:
                 update = defense(update, generator=g)
             updates.append(update)
             protocol = client.protocol()
+            protocols.append(protocol)
             obs = Observation(
                 round=t,
                 client_id=client.client_id,
@@ -150,6 +179,12 @@ class Server:
                 listener(obs)
             for sink in self.truth_listeners:
                 sink(truth)
+        if self.aggregate_listeners:
+            obs = _aggregate_observation(
+                t, self.model.spec, global_params, global_buffers, updates, protocols
+            )
+            for listener in self.aggregate_listeners:
+                listener(obs)
         self._apply(updates, t)
         record = RoundRecord(
             round=t,

@@ -100,6 +100,9 @@ class Protocol:
         loss: the training loss (``"cross_entropy"``, mean over the batch).
         train_mode: whether the model ran in train mode (BatchNorm uses batch
             statistics).
+        client_samples: for an aggregate of several clients' updates (the
+            secure-aggregation view), the number of samples behind each
+            client's update, in client order; empty for a single client.
     """
 
     algorithm: Literal["fedsgd", "fedavg"]
@@ -110,6 +113,7 @@ class Protocol:
     momentum: float = 0.0
     loss: str = "cross_entropy"
     train_mode: bool = True
+    client_samples: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,8 +1,10 @@
 """The ``leakage`` command line.
 
 ``leakage attack`` runs one experiment end to end (see
-:mod:`leakage.experiment`). Bad input ends with a one-line message on stderr
-and exit code 2, never a traceback.
+:mod:`leakage.experiment`); ``leakage train`` trains a victim and saves a
+checkpoint for ``leakage attack --checkpoint`` (see :mod:`leakage.train_cmd`).
+Bad input ends with a one-line message on stderr and exit code 2, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ def _parser() -> argparse.ArgumentParser:
     from fl_core.models import ACTIVATIONS, MODELS
 
     from .attacks import ATTACKS
+    from .labels import LABEL_STRATEGIES
+    from .simulate import THREAT_MODELS
+    from .train_cmd import add_train_parser
 
     p = _Parser(prog="leakage", description="Measure what federated learning leaks.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     a = sub.add_parser(
         "attack",
-        help="attack one FedSGD gradient and score the reconstruction",
-        description="One client, one FedSGD round, the attacker listening at the server. "
-        "Writes results.json, reconstruction.png and history.png into --out.",
+        help="attack one round's update and score the reconstruction",
+        description="One round (FedSGD, FedAvg or a securely aggregated sum of several "
+        "clients), the attacker listening at the server. Writes results.json, "
+        "reconstruction.png and history.png into --out.",
     )
     S = argparse.SUPPRESS  # unset options do not override --config
     a.add_argument(
@@ -64,8 +70,39 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--index", type=int, default=S, help="dataset position of the first image")
     a.add_argument("--shape", nargs=3, type=int, metavar=("C", "H", "W"), default=S)
     a.add_argument("--batch-size", type=int, default=S, help="images in the batch (default 1)")
-    a.add_argument("--steps", type=int, default=S, help="attack optimiser steps (default 300)")
-    a.add_argument("--restarts", type=int, default=S, help="random restarts (default 4)")
+    a.add_argument(
+        "--threat",
+        default=S,
+        help=f"threat model: {', '.join(THREAT_MODELS)} (default fedsgd)",
+    )
+    a.add_argument(
+        "--local-steps", type=int, default=S, help="local SGD steps of FedAvg clients (default 1)"
+    )
+    a.add_argument("--local-lr", type=float, default=S, help="local learning rate (default 0.01)")
+    a.add_argument(
+        "--local-batch-size", type=int, default=S, help="local batch size (default: all data)"
+    )
+    a.add_argument(
+        "--clients",
+        type=int,
+        default=S,
+        help="clients behind an aggregate update (default: one per image)",
+    )
+    a.add_argument(
+        "--label-strategy",
+        default=S,
+        help=f"labels: joint, {', '.join(LABEL_STRATEGIES.names())} (default: the attack's)",
+    )
+    a.add_argument(
+        "--checkpoint", default=S, metavar="FILE", help="victim saved by 'leakage train'"
+    )
+    a.add_argument(
+        "--steps", type=int, default=S, help="attack optimiser steps (default: the attack's)"
+    )
+    a.add_argument(
+        "--restarts", type=int, default=S, help="random restarts, batched (default: the attack's)"
+    )
+    a.add_argument("--tv", type=float, default=S, help="total-variation weight (attack ig)")
     a.add_argument(
         "--precision", default=S, help="auto (float64 for small victims), float32 or float64"
     )
@@ -73,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default=S, help="cpu or cuda (default cpu)")
     a.add_argument("--out", default=S, help="output folder (default: new folder under results/)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_train_parser(sub)
     return p
 
 
@@ -87,7 +125,8 @@ def _attack(args: argparse.Namespace) -> int:
     s = result["summary"]
     psnr = "inf" if s["psnr"] is None else f"{s['psnr']:.2f}"
     print(
-        f"PSNR {psnr} dB  SSIM {s['ssim']:.4f}  label accuracy {s['label_accuracy']:.2f}  "
+        f"PSNR {psnr} dB  SSIM {s['ssim']:.4f}  label accuracy {s['label_accuracy']:.2f} "
+        f"(set {s['label_set_accuracy']:.2f})  "
         f"({result['seconds']:.1f} s)  -> {result['config']['out']}"
     )
     return 0
@@ -101,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "attack":
             return _attack(args)
+        if args.command == "train":
+            from .train_cmd import run_train
+
+            return run_train(args)
     except (ValueError, OSError, yaml.YAMLError, json.JSONDecodeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"leakage: error: {message}", file=sys.stderr)

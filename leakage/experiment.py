@@ -1,8 +1,11 @@
 """One attack experiment, wired end to end through the FL core.
 
-One client holds the target batch, runs one FedSGD round against the victim,
-and the attacker listens at the server. The attacker receives the
-:class:`~fl_core.types.Observation`; the client's data reaches only the
+The target batch is split among one or more clients, who run one round
+against the victim (FedSGD, or FedAvg with local steps), and the attacker
+listens at the server: to the one client's update (threat models ``fedsgd``
+and ``fedavg``), or only to the sample-weighted mean of all clients' updates
+(``aggregate``, the secure-aggregation view). The attacker receives the
+:class:`~fl_core.types.Observation`; the clients' data reaches only the
 metrics, through the server's ground-truth channel.
 """
 
@@ -22,15 +25,18 @@ from typing import Any
 import torch
 import yaml
 
+from fl_core.checkpoint import load_checkpoint
 from fl_core.client import Client, LocalTraining
 from fl_core.data import ImageData, load_dataset, load_image_files
 from fl_core.models import MODELS, build_model
 from fl_core.server import Server
 from fl_core.types import GroundTruth, Observation
 
-from .attacks import ATTACKS, build_attack
-from .metrics import label_accuracy, score_images
+from .attacks import ATTACKS
+from .labels import LABEL_STRATEGIES
+from .metrics import label_accuracy, label_set_accuracy, score_images
 from .report import plot_history, plot_reconstruction
+from .simulate import THREAT_MODELS
 
 __all__ = ["AttackConfig", "load_config", "run_attack"]
 
@@ -55,11 +61,28 @@ class AttackConfig:
         index: position in the dataset of the batch's first image.
         shape: image shape (C, H, W); ``None``: (3, 32, 32) for samples and
             files, the native shape for datasets.
-        batch_size: images in the batch (``None``: 1, or the number of ``images``).
-        steps: optimiser steps of the attack.
-        restarts: random restarts of the attack.
-        precision: the attack's float precision: ``auto`` (float64 for small
-            victims such as LeNet, float32 for ResNet-18), ``float32``, ``float64``.
+        batch_size: images in the batch (``None``: 1, or the number of ``images``);
+            under ``aggregate`` the union of all clients' images.
+        threat: ``fedsgd`` (one client's batch gradient), ``fedavg`` (one
+            client's parameter delta after ``local_steps`` SGD steps) or
+            ``aggregate`` (the weighted mean of ``clients`` updates).
+        local_steps: local SGD steps of a FedAvg client (``fedavg``, or
+            ``aggregate`` with more than one step).
+        local_lr: local learning rate of FedAvg clients.
+        local_batch_size: local batch size of FedAvg clients (``None``: all
+            their images).
+        clients: clients behind an ``aggregate`` update (``None``: one client
+            per image); the batch is split among them in order.
+        label_strategy: where the attack takes its labels: ``joint``
+            (optimised), or a strategy of ``leakage.labels`` (``None``: the
+            attack's default).
+        checkpoint: a victim saved by ``leakage train``; its architecture
+            replaces ``model``, ``activation`` and ``num_classes``.
+        steps: optimiser steps of the attack (``None``: the attack's default).
+        restarts: random restarts of the attack, batched (``None``: default).
+        tv: total-variation weight (attack ``ig``; ``None``: default).
+        precision: the attack's float precision: ``auto`` (float64 for L-BFGS on
+            small victims such as LeNet, float32 otherwise), ``float32``, ``float64``.
         seed: seed of the victim's weights and of the attack's random start.
         device: ``cpu`` or ``cuda``.
         out: output folder (``None``: a new folder under ``results/``).
@@ -78,8 +101,16 @@ class AttackConfig:
     index: int = 0
     shape: tuple[int, int, int] | None = None
     batch_size: int | None = None
-    steps: int = 300
-    restarts: int = 4
+    threat: str = "fedsgd"
+    local_steps: int = 1
+    local_lr: float = 0.01
+    local_batch_size: int | None = None
+    clients: int | None = None
+    label_strategy: str | None = None
+    checkpoint: str | None = None
+    steps: int | None = None
+    restarts: int | None = None
+    tv: float | None = None
     precision: str = "auto"
     seed: int = 0
     device: str = "cpu"
@@ -103,8 +134,28 @@ class AttackConfig:
             )
         MODELS.get(self.model)
         ATTACKS.get(self.attack)
-        if self.steps < 1 or self.restarts < 1:
+        if (self.steps is not None and self.steps < 1) or (
+            self.restarts is not None and self.restarts < 1
+        ):
             raise ValueError("steps and restarts must be positive integers")
+        if self.threat not in THREAT_MODELS:
+            raise ValueError(
+                f"unknown threat model {self.threat!r}; valid: {', '.join(THREAT_MODELS)}"
+            )
+        if self.local_steps < 1 or self.local_lr <= 0:
+            raise ValueError("local_steps must be a positive integer and local_lr positive")
+        if self.local_batch_size is not None and self.local_batch_size < 1:
+            raise ValueError(f"local batch size {self.local_batch_size}: use a positive integer")
+        if self.clients is not None:
+            if self.threat != "aggregate":
+                raise ValueError("clients applies to --threat aggregate only")
+            if not 1 <= self.clients <= self.effective_batch_size:
+                raise ValueError(
+                    f"{self.clients} clients cannot share a batch of {self.effective_batch_size} "
+                    "images: each client needs at least one"
+                )
+        if self.label_strategy not in (None, "joint"):
+            LABEL_STRATEGIES.get(self.label_strategy)
         if self.precision not in ("auto", "float32", "float64"):
             raise ValueError(f"unknown precision {self.precision!r}; valid: auto, float32, float64")
         if self.index < 0:
@@ -122,6 +173,46 @@ class AttackConfig:
         d["shape"] = list(self.shape) if self.shape else None
         d["batch_size"] = self.effective_batch_size
         return d
+
+    @property
+    def effective_clients(self) -> int:
+        if self.threat != "aggregate":
+            return 1
+        return self.clients if self.clients is not None else self.effective_batch_size
+
+    def local_training(self) -> LocalTraining:
+        """How the clients compute their updates under this threat model."""
+        fedavg = self.threat == "fedavg" or (self.threat == "aggregate" and self.local_steps > 1)
+        if not fedavg:
+            return LocalTraining("fedsgd")
+        return LocalTraining(
+            "fedavg",
+            batch_size=self.local_batch_size,
+            local_steps=self.local_steps,
+            lr=self.local_lr,
+        )
+
+    def attack_options(self) -> dict[str, Any]:
+        """The options this config sets for the attack (unset ones keep its defaults)."""
+        options = {
+            "steps": self.steps,
+            "restarts": self.restarts,
+            "tv": self.tv,
+            "label_strategy": self.label_strategy,
+            "dtype": self.precision,
+            "device": self.device,
+        }
+        accepted = {f.name for f in dataclasses.fields(ATTACKS.get(self.attack))}
+        defaults = {"dtype": "auto", "device": "cpu"}
+        out = {}
+        for name, value in options.items():
+            if value is None or (name not in accepted and defaults.get(name) == value):
+                continue
+            if name not in accepted:
+                flag = {"dtype": "precision"}.get(name, name).replace("_", "-")
+                raise ValueError(f"attack {self.attack} takes no --{flag}; leave it unset")
+            out[name] = value
+        return out
 
 
 def load_config(path: str | Path, **overrides: Any) -> AttackConfig:
@@ -224,8 +315,55 @@ def prepare_out(path: str | Path) -> Path:
     return path
 
 
+def _plain(meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-writable entries of a checkpoint's metadata."""
+    out = {}
+    for k, v in meta.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[str(k)] = v
+    return out
+
+
 def _finite(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
+
+
+def observe(cfg: AttackConfig, model, batch: ImageData) -> tuple[Observation, GroundTruth]:
+    """One round of the config's threat model on ``batch``: what the attacker sees, and the truth.
+
+    The batch is split among ``cfg.effective_clients`` clients in order
+    (contiguous, sizes differing by at most one). Under ``aggregate`` the
+    attacker sees the weighted mean of their updates; the ground truth is the
+    union of the samples they used, in client order.
+    """
+    k = cfg.effective_clients
+    n = len(batch.labels)
+    sizes = [n // k + (i < n % k) for i in range(k)]
+    bounds = [sum(sizes[:i]) for i in range(k + 1)]
+    training = cfg.local_training()
+    clients = [
+        Client(
+            i,
+            batch.images[bounds[i] : bounds[i + 1]],
+            batch.labels[bounds[i] : bounds[i + 1]],
+            training=training,
+        )
+        for i in range(k)
+    ]
+    seen: list[Observation] = []
+    truth: list[GroundTruth] = []
+    listen = {"aggregate_listeners" if cfg.threat == "aggregate" else "listeners": [seen.append]}
+    Server(model, clients, truth_listeners=[truth.append], seed=cfg.seed, **listen).run_round()
+    gt = GroundTruth(
+        torch.cat([t.images for t in truth]),
+        torch.cat([t.labels for t in truth]),
+        client_id=seen[0].client_id,
+        round=0,
+    )
+    return seen[0], gt
 
 
 def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
@@ -234,41 +372,45 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
     Returns:
         The dict written to ``results.json``.
     """
-    out = prepare_out(cfg.out or default_out(cfg))
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no GPU is available; use --device cpu")
+    victim, checkpoint_meta = None, None
+    if cfg.checkpoint:
+        victim, checkpoint_meta = load_checkpoint(cfg.checkpoint)
+        spec = victim.spec
+        cfg = dataclasses.replace(
+            cfg,
+            model=spec.name,
+            activation=spec.activation,
+            num_classes=spec.num_classes,
+            shape=tuple(spec.in_shape),
+        )
+    attack = ATTACKS.build(cfg.attack, **cfg.attack_options())
+    out = prepare_out(cfg.out or default_out(cfg))
     batch = _target_batch(cfg)
+    if victim is None:
+        victim = build_model(
+            cfg.model,
+            num_classes=cfg.num_classes,
+            in_shape=batch.shape,
+            activation=cfg.activation,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+    model = victim.to(cfg.device)
+    obs, gt = observe(cfg, model, batch)
 
-    model = build_model(
-        cfg.model,
-        num_classes=cfg.num_classes,
-        in_shape=batch.shape,
-        activation=cfg.activation,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    ).to(cfg.device)
-    seen: list[Observation] = []
-    truth: list[GroundTruth] = []
-    client = Client(0, batch.images, batch.labels, training=LocalTraining("fedsgd"))
-    Server(
-        model, [client], listeners=[seen.append], truth_listeners=[truth.append], seed=cfg.seed
-    ).run_round()
-
-    attack = build_attack(
-        cfg.attack, steps=cfg.steps, restarts=cfg.restarts, dtype=cfg.precision, device=cfg.device
-    )
     start = time.perf_counter()
     rec = attack.reconstruct(
-        seen[0], generator=torch.Generator().manual_seed(cfg.seed), progress=progress
+        obs, generator=torch.Generator().manual_seed(cfg.seed), progress=progress
     )
     seconds = time.perf_counter() - start
 
-    gt = truth[0]
     scores = score_images(rec.images, gt.images.cpu(), data_range=1.0)
     order = scores.order.tolist()
     recovered = [int(rec.labels[j]) for j in order]
     per_image = [
         {
-            "name": batch.names[i],
+            "name": batch.names[i] if len(gt.labels) == len(batch.labels) else f"sample {i}",
             "psnr": _finite(float(scores.psnr[i])),
             "ssim": float(scores.ssim[i]),
             "mse": float(scores.mse[i]),
@@ -279,6 +421,15 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
     ]
     result = {
         "config": {**cfg.to_dict(), "out": str(out), "activation": model.spec.activation},
+        "attack_options": {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack)},
+        "observation": {
+            "threat": cfg.threat,
+            "clients": cfg.effective_clients,
+            "protocol": dataclasses.asdict(obs.protocol),
+        },
+        "checkpoint": None
+        if checkpoint_meta is None
+        else {"path": cfg.checkpoint, **_plain(checkpoint_meta)},
         "seed": cfg.seed,
         "versions": package_versions(),
         "seconds": seconds,
@@ -287,6 +438,7 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
             "psnr": _finite(float(scores.psnr.mean())),
             "ssim": float(scores.ssim.mean()),
             "label_accuracy": label_accuracy(rec.labels.tolist(), gt.labels.tolist()),
+            "label_set_accuracy": label_set_accuracy(rec.labels.tolist(), gt.labels.tolist()),
         },
         "attack": {
             "loss": _finite(rec.loss),

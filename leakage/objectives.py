@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "cosine_distance",
     "flat_gradient",
     "last_linear",
     "observed_gradient",
     "soft_cross_entropy",
     "squared_distance",
+    "total_variation",
 ]
 
 
@@ -45,6 +47,33 @@ def flat_gradient(
 def squared_distance(dummy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """DLG's objective (Zhu et al. 2019, eq. 4): ‖∇θ' − ∇θ‖² summed over all entries."""
     return (dummy - target).square().sum()
+
+
+def cosine_distance(dummy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Inverting gradients' objective (Geiping et al. 2020, eq. 4): 1 − cos(∇θ', ∇θ).
+
+    Args:
+        dummy: (R, d) one flat update per restart.
+        target: (d,) the observed update.
+
+    Returns:
+        (R,) one distance per restart, in [0, 2].
+    """
+    dot = dummy @ target  # (R,)
+    norms = dummy.norm(dim=-1) * target.norm()
+    return 1 - dot / norms.clamp_min(torch.finfo(dummy.dtype).tiny)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation: mean |horizontal| + mean |vertical| pixel difference.
+
+    As in Geiping et al. (2020). Args: x (..., C, H, W) with any leading
+    dimensions (R, N); the first leading dimension is kept, so a batch of
+    restarts (R, N, C, H, W) gives (R,).
+    """
+    dx = (x[..., :, :, 1:] - x[..., :, :, :-1]).abs()
+    dy = (x[..., :, 1:, :] - x[..., :, :-1, :]).abs()
+    return dx.flatten(1).mean(-1) + dy.flatten(1).mean(-1)
 
 
 def observed_gradient(update_tensors: Sequence[torch.Tensor], kind: str, *, lr: float, steps: int):

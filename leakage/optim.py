@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["LBFGS"]
+__all__ = ["LBFGS", "step_together"]
 
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -43,7 +43,8 @@ class LBFGS:
     """Minimise ``fun`` over a flat tensor ``z`` (changed in place).
 
     Args:
-        fun: ``z -> (loss, grad)``, loss a 0-d tensor, grad shaped like z.
+        fun: ``z -> (loss, grad)``, loss a 0-d tensor, grad shaped like z; ``None``
+            when the caller evaluates (see :meth:`steps` and :func:`step_together`).
         z: (n,) the variable.
         history: curvature pairs kept (m).
         lr: scale of the first step (as torch's ``lr``).
@@ -55,7 +56,7 @@ class LBFGS:
 
     def __init__(
         self,
-        fun: Objective,
+        fun: Objective | None,
         z: torch.Tensor,
         *,
         history: int = 100,
@@ -78,9 +79,10 @@ class LBFGS:
         self.f: float | None = None
         self.g: torch.Tensor | None = None
 
-    def _eval(self, z: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def _evaluate(self, z: torch.Tensor):
+        """Generator: yields the trial point z, receives ``(loss, grad)``, returns them."""
         self.evaluations += 1
-        loss, grad = self.fun(z)
+        loss, grad = yield z
         return float(loss), grad
 
     def _direction(self, g: torch.Tensor) -> torch.Tensor:
@@ -120,13 +122,14 @@ class LBFGS:
         self.YY[k, :], self.YY[:, k] = py[m:], py[m:]
 
     def _line_search(self, f0, g0, d, gtd0, t):
-        """Strong-Wolfe step along d; returns (t, f, g), t = 0 when no decrease was found."""
+        """Strong-Wolfe step along d (a generator, see :meth:`steps`); returns (t, f, g),
+        t = 0 when no decrease was found."""
         z0 = self.z
         best = (0.0, f0, g0)
         t_prev, f_prev, gtd_prev = 0.0, f0, gtd0
         lo = hi = None
         for i in range(self.max_ls):
-            f, g = self._eval(z0 + t * d)
+            f, g = yield from self._evaluate(z0 + t * d)
             gtd = float(g @ d) if math.isfinite(f) else math.nan
             if math.isfinite(f) and f < best[1]:
                 best = (t, f, g)
@@ -155,7 +158,7 @@ class LBFGS:
                 t = _cubic_min(tl, fl, gl, th, fh, gh, a + 0.1 * (b - a), b - 0.1 * (b - a))
             else:
                 t = (a + b) / 2
-            f, g = self._eval(z0 + t * d)
+            f, g = yield from self._evaluate(z0 + t * d)
             gtd = float(g @ d) if math.isfinite(f) else math.nan
             if math.isfinite(f) and f < best[1]:
                 best = (t, f, g)
@@ -175,9 +178,27 @@ class LBFGS:
         ``self.stopped`` tells why the step ended early (``"gradient"``,
         ``"no-progress"``, ``"non-finite"`` at the start point) or is ``None``.
         """
+        if self.fun is None:
+            raise ValueError("this LBFGS has no objective; drive it with step_together")
+        steps = self.steps(max_iter)
+        try:
+            z = next(steps)
+            while True:
+                loss, grad = self.fun(z)
+                z = steps.send((loss, grad))
+        except StopIteration as done:
+            return done.value
+
+    def steps(self, max_iter: int = 20):
+        """:meth:`step` as a generator: yields each trial point z (n,), must be sent
+        ``(loss, grad)`` at it, and returns the loss at the start of the step.
+
+        This lets one caller evaluate many independent problems in one batch
+        (:func:`step_together`) while each keeps exactly its own trajectory.
+        """
         self.stopped = None
         if self.f is None:
-            self.f, self.g = self._eval(self.z)
+            self.f, self.g = yield from self._evaluate(self.z)
             if not math.isfinite(self.f):
                 self.stopped = "non-finite"
                 return self.f
@@ -193,7 +214,7 @@ class LBFGS:
                 self.slots.clear()
                 d, gtd = -g, -float(g @ g)
             t0 = self.lr if self.slots else self.lr * min(1.0, 1.0 / float(g.abs().sum()))
-            t, f_new, g_new = self._line_search(f, g, d, gtd, t0)
+            t, f_new, g_new = yield from self._line_search(f, g, d, gtd, t0)
             if t == 0.0:
                 self.stopped = "no-progress"
                 break
@@ -207,3 +228,46 @@ class LBFGS:
                 break
         self.f, self.g = f, g
         return start
+
+
+BatchObjective = Callable[[torch.Tensor, list[int]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def step_together(optimizers: list[LBFGS], fun: BatchObjective, max_iter: int = 20) -> list[float]:
+    """One :meth:`LBFGS.step` of every optimizer, their evaluations batched.
+
+    Each optimizer runs its own iterations and line search; whenever all
+    unfinished ones have proposed a trial point, ``fun`` evaluates them in one
+    call. A problem that finishes early simply drops out of later batches, so
+    every trajectory is the one it would follow alone (up to the floating-point
+    effect of batching).
+
+    Args:
+        optimizers: independent problems, each over its own flat variable (n,).
+        fun: ``(Z, which) -> (losses, grads)``: Z (k, n) stacks the trial points
+            of the optimizers listed in ``which`` (indices into ``optimizers``);
+            returns losses (k,) and gradients (k, n).
+        max_iter: iterations per step, as :meth:`LBFGS.step`.
+
+    Returns:
+        The loss of each problem at the start of its step.
+    """
+    gens = [o.steps(max_iter) for o in optimizers]
+    out: list[float] = [math.nan] * len(optimizers)
+    pending: dict[int, torch.Tensor] = {}
+    for i, gen in enumerate(gens):
+        try:
+            pending[i] = next(gen)
+        except StopIteration as done:
+            out[i] = done.value
+    while pending:
+        which = list(pending)
+        z = pending[which[0]][None] if len(which) == 1 else torch.stack([pending[i] for i in which])
+        losses, grads = fun(z, which)
+        for j, (i, loss) in enumerate(zip(which, losses.tolist())):
+            try:
+                pending[i] = gens[i].send((loss, grads[j]))
+            except StopIteration as done:
+                out[i] = done.value
+                del pending[i]
+    return out

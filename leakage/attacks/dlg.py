@@ -18,20 +18,24 @@ Where the lab departs from the paper's code, and why (measured with
   image (torch's L-BFGS, with its absolute yᵀs > 1e-10 test, silently degraded
   to gradient descent on the raw loss near convergence); the reported loss is
   the paper's, unscaled;
-* a restart stops once the relative loss falls below ``tol`` (converged) or a
-  step makes no progress (stalled); further restarts run only while no restart
-  has converged, and the one with the lowest matching loss is kept;
+* restarts can run together as one batched problem (each keeps its own L-BFGS
+  trajectory, see :func:`leakage.optim.step_together`) or one by one; a restart stops once
+  its relative loss falls below ``tol`` (converged) or a step makes no progress
+  (stalled); with ``early_stop`` all stop as soon as one has converged, and the
+  one with the lowest matching loss is kept;
 * a non-finite loss ends the restart cleanly with the last finite iterate;
 * small victims (< :data:`SMALL_MODEL` parameters, e.g. LeNet) are attacked in
   float64, where L-BFGS keeps converging past the float32 floor, and on the CPU
   with the oneDNN convolution path switched off, which is up to twice as fast
   for their tiny double-backward graphs; larger victims (ResNet-18: 172 ms per
-  evaluation in float32 with oneDNN, 383 ms in float64) run in float32.
+  evaluation in float32 with oneDNN, 383 ms in float64) run in float32;
+* the matched update follows the observation's threat model
+  (:mod:`leakage.simulate`): a FedSGD gradient, a FedAvg delta after simulated
+  local steps, or the weighted mean of several clients' updates.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -41,9 +45,9 @@ from tqdm.auto import tqdm
 
 from fl_core.types import Observation
 
-from ..objectives import flat_gradient, observed_gradient, soft_cross_entropy, squared_distance
-from ..optim import LBFGS
+from ..optim import LBFGS, step_together
 from .base import ATTACKS, Reconstruction
+from .matching import SMALL_MODEL, Setup, attack_labels, random_starts, setup
 
 __all__ = ["DLG", "OBJECTIVE_SCALE", "SMALL_MODEL", "match_gradients"]
 
@@ -51,23 +55,6 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE_SCALE = 1e4
 """Value of the relative objective L-BFGS sees at ‖∇θ' − ∇θ‖² = ‖∇θ‖²."""
-
-SMALL_MODEL = 1_000_000
-"""Parameter count below which ``dtype="auto"`` means float64 and the native CPU path."""
-
-
-@contextlib.contextmanager
-def _native_cpu(device: torch.device, small: bool):
-    """Switch oneDNN off on the CPU for small models (faster there); no-op otherwise."""
-    if device.type != "cpu" or not small:
-        yield
-        return
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 def match_gradients(
@@ -81,29 +68,40 @@ def match_gradients(
     init: str = "uniform",
     tol: float = 1e-8,
     dtype: str = "auto",
+    batched: bool = False,
+    early_stop: bool = True,
     generator: torch.Generator | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
 ) -> Reconstruction:
-    """L-BFGS gradient matching shared by DLG (``labels=None``: soft labels
+    """L-BFGS update matching shared by DLG (``labels=None``: soft labels
     optimised jointly) and iDLG (``labels`` fixed).
 
     Args:
-        obs: the observation to invert (batch size = ``obs.protocol.batch_size``).
-        labels: (B,) known labels, or ``None`` to optimise dummy label logits.
+        obs: the observation to invert; N = ``obs.protocol.num_samples`` images.
+        labels: (N,) known labels, or ``None`` to optimise dummy label logits.
         steps: L-BFGS steps per restart (each up to ``max_iter`` evaluations).
-        restarts: random starts tried at most; stops early once one converges.
+        restarts: random starts.
         max_iter, lr: L-BFGS settings.
         init: ``"uniform"`` (U[0, 1], the lab's default) or ``"randn"`` (N(0, 1),
             the paper's code).
         tol: a restart has converged when the matching loss, relative to
             ‖∇θ‖², falls below ``tol``.
-        dtype: precision of the attack: ``"float64"``, ``"float32"`` or
-            ``"auto"`` (float64 below :data:`SMALL_MODEL` parameters). In
-            float32 L-BFGS stalled near a relative loss of 1e-7 on detailed
-            images (the astronaut sample: 28.6 dB, measured with torch's
-            L-BFGS); in float64 it goes on converging, at about the same cost
-            per evaluation for LeNet-sized victims on the CPU.
+        dtype: ``"float64"``, ``"float32"`` or ``"auto"`` (float64 below
+            :data:`SMALL_MODEL` parameters). In float32 L-BFGS stalled near a
+            relative loss of 1e-7 on detailed images (the astronaut sample:
+            28.6 dB, measured with torch's L-BFGS); in float64 it goes on
+            converging, at about the same cost per evaluation for LeNet-sized
+            victims on the CPU.
+        batched: run all restarts as one batched problem, or one after the
+            other (default); each restart follows the same trajectory either
+            way. With L-BFGS the first restart from a uniform start nearly
+            always converges (DLG on LeNet: 12 of 12 runs, see the README), so
+            one-by-one with ``early_stop`` is cheaper on the CPU; batching pays
+            off when many restarts must run anyway (``early_stop=False``, hard
+            cases) and on a GPU.
+        early_stop: stop every restart once one has converged (sequentially:
+            do not start further restarts).
         generator: source of the random starts (default: seed 0).
         device: where to run (default: CPU).
 
@@ -112,131 +110,158 @@ def match_gradients(
     """
     if steps < 1 or restarts < 1 or max_iter < 1:
         raise ValueError("steps, restarts and max_iter must be positive")
-    if init not in ("uniform", "randn"):
-        raise ValueError(f"init must be 'uniform' or 'randn'; got {init!r}")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    if dtype not in ("auto", "float32", "float64"):
-        raise ValueError(f"dtype must be 'auto', 'float32' or 'float64'; got {dtype!r}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    model = obs.model(device=device)
-    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-    dt = getattr(torch, dtype) if dtype != "auto" else (torch.float64 if small else torch.float32)
-    model = model.to(dt)
-    proto = obs.protocol
-    target = observed_gradient(
-        obs.update.tensors, obs.update.kind, lr=proto.lr, steps=proto.local_steps
-    ).to(device, dt)  # (d,)
-    if labels is not None:
-        labels = labels.to(device)
-    problem = _Problem(model, target, labels)
-
-    kept: Reconstruction | None = None
-    losses: list[float] = []
-    evaluations = total_steps = 0
+    st = setup(obs, dtype=dtype, device=device, lbfgs=True)
+    x0, y0 = random_starts(
+        obs, restarts, init=init, learn_labels=labels is None, generator=generator
+    )
+    problem = _Problem(st, labels)
+    runs = [problem.run(x0[r], None if y0 is None else y0[r], lr) for r in range(restarts)]
+    groups = [list(range(restarts))] if batched else [[r] for r in range(restarts)]
     with (
-        _native_cpu(device, small),
         tqdm(
             total=steps * restarts, disable=not progress, desc="gradient matching", leave=False
         ) as bar,
     ):
-        for r in range(restarts):
-            draw = torch.rand if init == "uniform" else torch.randn
-            x0 = draw((proto.batch_size, *obs.model_spec.in_shape), generator=generator)
-            y0 = torch.randn(proto.batch_size, obs.model_spec.num_classes, generator=generator)
-            rec = problem.solve(x0.to(device, dt), y0.to(device, dt), steps, max_iter, lr, tol, bar)
-            evaluations += rec.evaluations
-            total_steps += rec.steps
-            losses.append(rec.loss)
-            log.debug(
-                "restart %d: loss %.3g after %d steps (%s)", r, rec.loss, rec.steps, rec.stopped
-            )
-            if kept is None or rec.loss < kept.loss:
-                kept = rec
-            if kept.stopped == "converged":
+        for group in groups:
+            with st.backend(len(group) * st.sim.num_samples):
+                problem.solve([runs[r] for r in group], steps, max_iter, tol, early_stop, bar)
+            if early_stop and any(r.stopped == "converged" for r in runs):
                 break
-    assert kept is not None
+    tried = [r for r in runs if r.history or r.stopped != "not-run"]
+    kept = min(tried, key=lambda r: r.loss)
+    for i, r in enumerate(tried):
+        log.debug("restart %d: loss %.3g after %d steps (%s)", i, r.loss, r.steps, r.stopped)
     return Reconstruction(
-        images=kept.images,
-        labels=kept.labels,
+        images=kept.images(),
+        labels=kept.labels(),
         loss=kept.loss,
         history=kept.history,
-        restart_losses=losses,
+        restart_losses=[r.loss for r in tried],
         steps=kept.steps,
-        total_steps=total_steps,
-        evaluations=evaluations,
+        total_steps=sum(r.steps for r in tried),
+        evaluations=sum(r.opt.evaluations for r in tried),
         stopped=kept.stopped,
     )
 
 
-class _Problem:
-    """One gradient-matching problem: the model, the target and what is known."""
+class _Run:
+    """One restart: its L-BFGS state and what it has reached."""
 
-    def __init__(self, model, target, labels) -> None:
-        self.model = model
-        self.params = list(model.parameters())
-        self.target = target  # (d,)
-        self.labels = labels  # (B,) or None
-        self.norm2 = max(float(target.square().sum()), 1e-30)
+    def __init__(self, problem: _Problem, z: torch.Tensor, lr: float) -> None:
+        self.problem = problem
+        self.z = z
+        self.opt = LBFGS(None, z, lr=lr)
+        self.history: list[float] = []
+        self.good = z.clone()
+        self.stopped = "not-run"
+        self.active = True
+
+    @property
+    def steps(self) -> int:
+        return len(self.history)
+
+    @property
+    def loss(self) -> float:
+        return self.history[-1] if self.history else math.inf
+
+    def images(self) -> torch.Tensor:
+        p = self.problem
+        return self.good[: p.nx].view(p.x_shape).clamp(0, 1).float().cpu()
+
+    def labels(self) -> torch.Tensor:
+        p = self.problem
+        if p.labels is not None:
+            return p.labels.cpu()
+        return self.good[p.nx :].view(p.y_shape).argmax(-1).cpu()
+
+    def after_step(self, start_loss: float, start: torch.Tensor, tol: float) -> None:
+        """Book-keeping after one L-BFGS step that began at ``start`` (loss ``start_loss``)."""
+        p = self.problem
+        self.stopped = "steps"
+        loss = start_loss / p.scale
+        if not math.isfinite(loss):
+            self.stopped, self.active = "non-finite", False
+            return
+        self.history.append(loss)
+        self.good = start
+        if loss <= tol * p.norm2:
+            self.stopped, self.active = "converged", False
+            return
+        if self.opt.stopped or (len(self.history) > 1 and self.history[-2] - loss <= 1e-12 * loss):
+            self.stopped, self.active = "stalled", False
+            self.finish(tol)
+
+    def finish(self, tol: float) -> None:
+        """Record the point the last step reached, if it is better than its start."""
+        p = self.problem
+        f = self.opt.f
+        if f is not None and math.isfinite(f) and (not self.history or f / p.scale < self.loss):
+            self.history.append(f / p.scale)
+            self.good = self.z.clone()
+        if self.history and self.history[-1] <= tol * p.norm2:
+            self.stopped = "converged"
+
+
+class _Problem:
+    """Gradient matching for one observation: R restarts' objective, batched."""
+
+    def __init__(self, st: Setup, labels: torch.Tensor | None) -> None:
+        self.st = st
+        sim = st.sim
+        spec_shape = (sim.num_samples, *sim.model.spec.in_shape)
+        k = sim.model.spec.num_classes
+        self.x_shape, self.y_shape = spec_shape, (sim.num_samples, k)
+        self.nx = math.prod(spec_shape)
+        self.labels = None if labels is None else labels.to(st.device)
+        self.fixed = (
+            None
+            if labels is None
+            else torch.nn.functional.one_hot(self.labels, k).to(st.dtype)  # (N, K)
+        )
+        self.norm2 = max(float(sim.target.square().sum()), 1e-30)
         self.scale = OBJECTIVE_SCALE / self.norm2
 
-    def solve(self, x0, y0, steps, max_iter, lr, tol, bar) -> Reconstruction:
-        """One restart from images x0 (B, C, H, W) and label logits y0 (B, K)."""
-        nx = x0.numel()
-        learn_labels = self.labels is None
-        z = torch.cat([x0.reshape(-1), y0.reshape(-1)]) if learn_labels else x0.reshape(-1).clone()
+    def run(self, x0: torch.Tensor, y0: torch.Tensor | None, lr: float) -> _Run:
+        parts = [x0.reshape(-1)] if y0 is None else [x0.reshape(-1), y0.reshape(-1)]
+        z = torch.cat(parts).to(self.st.device, self.st.dtype)
+        return _Run(self, z, lr)
 
-        def objective(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            z = z.detach().requires_grad_(True)
-            x = z[:nx].view_as(x0)  # (B, C, H, W)
-            targets = z[nx:].view_as(y0).softmax(-1) if learn_labels else self.labels
-            dummy = flat_gradient(
-                soft_cross_entropy(self.model(x), targets), self.params, create_graph=True
-            )  # (d,)
-            loss = squared_distance(dummy, self.target) * self.scale
-            if not torch.isfinite(loss):
-                return loss.detach(), torch.zeros_like(z)
-            return loss.detach(), torch.autograd.grad(loss, z)[0]
-
-        optimizer = LBFGS(objective, z, lr=lr)
-        history: list[float] = []
-        stopped = "steps"
-        good = z.clone()
-        for _ in range(steps):
-            start = z.clone()
-            loss = optimizer.step(max_iter) / self.scale  # the loss at `start`
-            if not math.isfinite(loss):
-                stopped = "non-finite"
-                break
-            history.append(loss)
-            good = start
-            bar.update(1)
-            if loss <= tol * self.norm2:
-                stopped = "converged"
-                break
-            if optimizer.stopped or (len(history) > 1 and history[-2] - loss <= 1e-12 * loss):
-                stopped = "stalled"
-                if optimizer.f is not None and optimizer.f / self.scale < loss:
-                    history.append(optimizer.f / self.scale)
-                    good = z.clone()
-                break
+    def objective(self, z: torch.Tensor, which: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled matching losses (k,) and their gradients (k, n) at k trial points (k, n)."""
+        z = z.detach().requires_grad_(True)
+        k = len(z)
+        x = z[:, : self.nx].view(k, *self.x_shape)
+        if self.fixed is None:
+            y = z[:, self.nx :].view(k, *self.y_shape).softmax(-1)
         else:
-            if optimizer.f is not None and math.isfinite(optimizer.f):
-                history.append(optimizer.f / self.scale)  # the point the last step reached
-                good = z.clone()
-        if history and history[-1] <= tol * self.norm2:
-            stopped = "converged"
-        images = good[:nx].view_as(x0)
-        labels = self.labels if not learn_labels else good[nx:].view_as(y0).argmax(-1)
-        return Reconstruction(
-            images=images.clamp(0, 1).float().cpu(),
-            labels=labels.detach().cpu(),
-            loss=history[-1] if history else math.inf,
-            history=history,
-            steps=len(history),
-            evaluations=optimizer.evaluations,
-            stopped=stopped,
-        )
+            y = self.fixed.expand(k, *self.y_shape)
+        losses = (self.st.sim(x, y) - self.st.sim.target).square().sum(-1) * self.scale  # (k,)
+        finite = torch.isfinite(losses)
+        if bool(finite.all()):
+            return losses.detach(), torch.autograd.grad(losses.sum(), z)[0]
+        if not bool(finite.any()):
+            return losses.detach(), torch.zeros_like(z)
+        grads = torch.autograd.grad(losses[finite].sum(), z)[0]
+        return losses.detach(), torch.where(finite[:, None], grads, 0.0)
+
+    def solve(self, runs: list[_Run], steps, max_iter, tol, early_stop, bar) -> None:
+        """Run ``steps`` L-BFGS steps of ``runs`` together (each stops on its own)."""
+        active = list(runs)
+        for _ in range(steps):
+            starts = [r.z.clone() for r in active]
+            losses = step_together([r.opt for r in active], self.objective, max_iter)
+            for r, loss, start in zip(active, losses, starts):
+                r.after_step(loss, start, tol)
+            bar.update(len(active))
+            active = [r for r in active if r.active]
+            if not active or (early_stop and any(r.stopped == "converged" for r in runs)):
+                break
+        for r in runs:
+            if r.active and r.stopped == "steps":
+                r.finish(tol)
+                r.active = False
 
 
 @dataclass(frozen=True)
@@ -245,12 +270,19 @@ class DLG:
 
     Args:
         steps: L-BFGS steps per restart (the paper: 300, each up to 20 evaluations).
-        restarts: random starts tried at most (kept: lowest matching loss).
+        restarts: random starts, run as one batched problem (kept: lowest
+            matching loss).
         max_iter: evaluations per L-BFGS step.
         lr: L-BFGS step size.
         init: dummy image start, ``"uniform"`` or ``"randn"`` (paper).
         tol: relative matching loss that counts as converged.
         dtype: precision of the attack, see :func:`match_gradients`.
+        label_strategy: ``"joint"`` (DLG: soft labels optimised with the
+            images) or a label-recovery strategy of :mod:`leakage.labels`
+            whose labels are then held fixed.
+        batched: restarts batched, or run one after the other (default, see
+            :func:`match_gradients`).
+        early_stop: stop once one restart has converged.
         device: where the attack runs.
     """
 
@@ -261,11 +293,10 @@ class DLG:
     init: str = "uniform"
     tol: float = 1e-8
     dtype: str = "auto"
+    label_strategy: str = "joint"
+    batched: bool = False
+    early_stop: bool = True
     device: str = "cpu"
-
-    def labels(self, obs: Observation) -> torch.Tensor | None:
-        """Known labels (B,) for the attack, or ``None``: DLG optimises soft labels."""
-        return None
 
     def reconstruct(
         self,
@@ -274,10 +305,13 @@ class DLG:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> Reconstruction:
-        """Invert ``obs``'s gradient; returns images (B, C, H, W) and labels (B,)."""
+        """Invert ``obs``'s update; returns images (N, C, H, W) and labels (N,)."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        labels = attack_labels(obs, self.label_strategy, generator=generator)
         return match_gradients(
             obs,
-            labels=self.labels(obs),
+            labels=labels,
             steps=self.steps,
             restarts=self.restarts,
             max_iter=self.max_iter,
@@ -285,6 +319,8 @@ class DLG:
             init=self.init,
             tol=self.tol,
             dtype=self.dtype,
+            batched=self.batched,
+            early_stop=self.early_stop,
             device=self.device,
             generator=generator,
             progress=progress,

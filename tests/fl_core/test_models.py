@@ -10,6 +10,11 @@ References:
   1/sqrt(fan_in))`` (the ``torch.nn`` docs of both layers).
 * torchvision's ResNet init: convolutions ``kaiming_normal_(mode="fan_out",
   nonlinearity="relu")``, i.e. std ``sqrt(2 / fan_out)``; BatchNorm weight 1, bias 0.
+* ResNet-20: He, Zhang, Ren & Sun, "Deep Residual Learning for Image Recognition",
+  CVPR 2016, sec. 4.2: 6n + 2 = 20 weighted layers (n = 3), 16/32/64 channels,
+  identity (option A) shortcuts, "0.27M" parameters (their Table 6).
+* Fully connected first layer: Phong et al., "Privacy-Preserving Deep Learning via
+  Additively Homomorphic Encryption", 2017: for one example, ``dL/dW_i = dL/db_i * x``.
 """
 
 from __future__ import annotations
@@ -195,6 +200,129 @@ def test_resnet18_uses_torchvision_init():
         assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
 
 
+# ---------------------------------------------------------------- ResNet-20 (He et al. 2016)
+
+
+# Parameter count by hand (option A shortcuts have none; convolutions have no bias;
+# each BatchNorm has 2 per channel):
+#   stem     conv 3*16*9 = 432, BN 32                                     ->     464
+#   stage 1  3 blocks x (2 convs 16*16*9 = 2304, 2 BN 32)  = 3 x 4672     ->  14,016
+#   stage 2  first: 16*32*9 + 32*32*9 + 2*64 = 4608 + 9216 + 128 = 13,952
+#            two more: 2 x (2*9216 + 128) = 37,120                        ->  51,072
+#   stage 3  first: 32*64*9 + 64*64*9 + 2*128 = 18432 + 36864 + 256 = 55,552
+#            two more: 2 x (2*36864 + 256) = 147,968                      -> 203,520
+#   fc       64*10 + 10                                                   ->     650
+#   total 464 + 14,016 + 51,072 + 203,520 + 650 = 269,722 (the paper's "0.27M").
+# One input channel: the stem conv has 1*16*9 = 144 weights, 288 fewer; 100 classes:
+# the fc has 64*100 + 100 = 6500, 5850 more.
+@pytest.mark.parametrize(
+    ("in_shape", "num_classes", "expected"),
+    [((3, 32, 32), 10, 269_722), ((1, 28, 28), 10, 269_434), ((3, 32, 32), 100, 275_572)],
+)
+def test_resnet20_parameter_count(in_shape, num_classes, expected):
+    model = build_model("resnet20", in_shape=in_shape, num_classes=num_classes)
+    assert count_parameters(model) == expected
+
+
+def test_resnet20_has_20_weighted_layers_and_no_projections():
+    model = build_model("resnet20")
+    convs = _modules(model, nn.Conv2d)
+    assert len(convs) + len(_modules(model, nn.Linear)) == 20  # 6n + 2 with n = 3
+    assert all(c.kernel_size == (3, 3) and c.bias is None for c in convs)  # option A: no 1x1
+    assert [c.out_channels for c in convs] == [16] * 7 + [32] * 6 + [64] * 6
+    assert [c.stride[0] for c in convs].count(2) == 2  # first conv of stages 2 and 3
+    assert len(_modules(model, nn.BatchNorm2d)) == 19
+
+
+@pytest.mark.parametrize(
+    ("in_shape", "final_hw"), [((3, 32, 32), (8, 8)), ((1, 28, 28), (7, 7)), ((3, 15, 15), (4, 4))]
+)
+def test_resnet20_shapes(in_shape, final_hw):
+    model = build_model("resnet20", in_shape=in_shape, num_classes=7)
+    seen = {}
+    model.layer3.register_forward_hook(lambda m, i, o: seen.update(out=o.shape))
+    with torch.no_grad():
+        out = model(torch.rand(2, *in_shape, generator=_gen(0)))  # (B, C, H, W)
+    assert out.shape == (2, 7)
+    assert seen["out"] == (2, 64, *final_hw)  # spatial size ceil(H / 4) after two stride-2 stages
+
+
+def test_resnet20_option_a_shortcut_pads_zero_channels():
+    block = build_model("resnet20").layer2[0]  # 16 -> 32 channels, stride 2
+    x = torch.rand(2, 16, 8, 8, generator=_gen(1))
+    short = block.shortcut(x)
+    assert short.shape == (2, 32, 4, 4)
+    assert torch.equal(short[:, :16], x[:, :, ::2, ::2])
+    assert torch.equal(short[:, 16:], torch.zeros(2, 16, 4, 4))
+
+
+def test_resnet20_uses_kaiming_normal_init():
+    model = build_model("resnet20", generator=_gen(4))
+    conv = model.layer3[2].conv2  # 64*64*9 = 36864 draws: relative s.e. of the std ~0.4%
+    assert float(conv.weight.detach().std()) == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.03)
+    assert abs(float(conv.weight.detach().mean())) < 0.003  # s.e. 0.059 / 192 = 0.0003
+    for bn in _modules(model, nn.BatchNorm2d):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+        assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    bound = 1 / math.sqrt(64)  # PyTorch's default Linear init
+    assert float(model.fc.weight.detach().abs().max()) <= bound
+
+
+# ---------------------------------------------------------------- MLP
+
+
+# By hand: 3*32*32 = 3072 inputs; 3072*1024 + 1024 = 3,146,752; 1024*1024 + 1024 =
+# 1,049,600; 1024*10 + 10 = 10,250; total 4,206,602. Width 64, depth 2 on 1x28x28:
+# 784*64 + 64 = 50,240 and 64*10 + 10 = 650; depth 1 on 1x28x28: 784*10 + 10 = 7850.
+@pytest.mark.parametrize(
+    ("in_shape", "options", "expected"),
+    [
+        ((3, 32, 32), {}, 4_206_602),
+        ((1, 28, 28), {"width": 64, "depth": 2}, 50_890),
+        ((1, 28, 28), {"depth": 1}, 7_850),
+    ],
+)
+def test_mlp_parameter_count(in_shape, options, expected):
+    assert count_parameters(build_model("mlp", in_shape=in_shape, **options)) == expected
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 5])
+def test_mlp_first_layer_is_linear_with_bias(depth):
+    model = build_model("mlp", in_shape=(1, 28, 28), width=32, depth=depth)
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(layers) == depth
+    first = next(m for m in model.modules() if list(m.parameters(recurse=False)))
+    assert first is layers[0] and first.bias is not None
+    assert first.in_features == 784
+    w, b = list(model.parameters())[:2]  # an update's tensors 0 and 1
+    assert w is first.weight and b is first.bias
+
+
+def test_mlp_input_is_read_off_the_first_layer_gradient():
+    """Phong et al. 2017: for one image, row i of dL/dW equals dL/db_i times x."""
+    model = build_model("mlp", in_shape=(1, 8, 8), width=16, generator=_gen(2)).double()
+    x = torch.rand(1, 1, 8, 8, generator=_gen(3), dtype=torch.float64)  # (1, C, H, W)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([3]))
+    gw, gb = torch.autograd.grad(loss, list(model.parameters())[:2])  # (16, 64), (16,)
+    i = int(gb.abs().argmax())
+    torch.testing.assert_close(gw[i] / gb[i], x.reshape(-1))
+
+
+def test_mlp_uses_pytorch_default_init():
+    model = build_model("mlp", in_shape=(1, 28, 28), width=64, generator=_gen(3))
+    for layer in _modules(model, nn.Linear):
+        bound = 1 / math.sqrt(layer.in_features)  # torch.nn.Linear docs
+        assert float(layer.weight.detach().abs().max()) <= bound
+        assert float(layer.weight.detach().abs().max()) > 0.9 * bound  # >= 640 draws
+        assert float(layer.bias.detach().abs().max()) <= bound
+
+
+@pytest.mark.parametrize(("option", "value"), [("width", 0), ("depth", 0), ("depth", 2.5)])
+def test_mlp_bad_options_raise(option, value):
+    with pytest.raises(ValueError, match=option):
+        build_model("mlp", **{option: value})
+
+
 # ---------------------------------------------------------------- activations
 
 
@@ -211,6 +339,25 @@ def test_activation_swap(name):
     default = build_model(name)  # the leakage literature's default: sigmoid
     assert default.spec.activation == "sigmoid"
     assert not _modules(default, nn.ReLU)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mlp"])
+def test_activation_swap_relu_default(name):
+    default = build_model(name)  # ResNet and MLP are published with ReLU
+    assert default.spec.activation == "relu"
+    assert _modules(default, nn.ReLU)
+    tanh = build_model(name, activation="tanh")
+    assert _modules(tanh, nn.Tanh)
+    assert not _modules(tanh, nn.ReLU)
+    assert tanh.spec.activation == "tanh"
+
+
+def test_resnet20_sigmoid_replaces_every_relu():
+    # the stem's activation and two per BasicBlock: 1 + 2 * 9 = 19
+    assert len(_modules(build_model("resnet20"), nn.ReLU)) == 19
+    sigmoid = build_model("resnet20", activation="sigmoid")
+    assert len(_modules(sigmoid, nn.Sigmoid)) == 19
+    assert not _modules(sigmoid, nn.ReLU)
 
 
 def test_resnet18_sigmoid_replaces_every_relu():
@@ -279,6 +426,8 @@ def test_bad_shape_or_classes_raise(kwargs, fragment):
         ("cnn", {"activation": "tanh"}),
         ("resnet18", {"in_shape": (3, 32, 32), "cifar_stem": False}),
         ("resnet18", {"in_shape": (1, 28, 28), "activation": "relu"}),
+        ("resnet20", {"in_shape": (1, 28, 28), "activation": "sigmoid", "num_classes": 5}),
+        ("mlp", {"width": 32, "depth": 4, "activation": "tanh"}),
     ],
 )
 def test_spec_rebuilds_same_architecture(name, kwargs):

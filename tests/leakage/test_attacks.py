@@ -13,7 +13,7 @@ import torch
 
 from fl_core import Client, Server, build_model, load_dataset, load_samples
 from leakage import DLG, IDLG, idlg_label, psnr
-from leakage.attacks import recover_labels
+from leakage.labels import recover_labels
 from leakage.objectives import last_linear
 
 

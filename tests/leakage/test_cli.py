@@ -32,7 +32,7 @@ def test_attack_writes_three_files(tmp_path, capsys):
     files = {p.name for p in (tmp_path / "r").iterdir()}
     assert {"results.json", "reconstruction.png", "history.png"} <= files
     res = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert set(res["summary"]) == {"psnr", "ssim", "label_accuracy"}
+    assert set(res["summary"]) == {"psnr", "ssim", "label_accuracy", "label_set_accuracy"}
     assert res["config"]["attack"] == "dlg" and res["config"]["model"] == "lenet"
     assert res["config"]["activation"] == "sigmoid" and res["seed"] == 0
     assert res["versions"]["torch"] and res["seconds"] > 0

@@ -1,0 +1,135 @@
+"""What optimisation-based attacks share: precision, random starts, labels.
+
+An optimisation attack solves R independent problems (restarts) at once: the
+dummy images of all restarts form one tensor (R, N, C, H, W) and the
+:class:`~leakage.simulate.UpdateSimulator` turns them into R simulated updates
+in one batched call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from fl_core.types import Observation
+
+from ..simulate import UpdateSimulator
+
+__all__ = ["SMALL_MODEL", "Setup", "attack_labels", "random_starts", "setup"]
+
+SMALL_MODEL = 1_000_000
+"""Parameter count below which ``dtype="auto"`` means float64 for L-BFGS attacks."""
+
+INITS = ("uniform", "randn")
+
+
+@dataclass
+class Setup:
+    """An attack's working state for one observation.
+
+    Attributes:
+        sim: the differentiable update simulator (holds the victim and target).
+        dtype: precision of the attack.
+        device: where it runs.
+        small: whether the victim has fewer than :data:`SMALL_MODEL` parameters.
+    """
+
+    sim: UpdateSimulator
+    dtype: torch.dtype
+    device: torch.device
+    small: bool
+
+    @contextlib.contextmanager
+    def backend(self, problems: int):
+        """The fastest CPU convolution path for ``problems`` images evaluated together.
+
+        Measured on 2 cores with the LeNet victim (double backward, ms per
+        evaluation; ``benchmarks/attack_suite.py --restart-cost``): for one
+        image the native path beats oneDNN (1.6 vs 3.8 ms in float32), for eight
+        oneDNN wins (5.4 vs 6.5 ms); float64 always takes the native path. Larger
+        victims keep oneDNN.
+        """
+        native = (
+            self.device.type == "cpu"
+            and self.small
+            and (self.dtype == torch.float64 or problems <= 2)
+        )
+        if not native:
+            yield
+            return
+        before = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = before
+
+
+def setup(obs: Observation, *, dtype: str, device: str | torch.device | None, lbfgs: bool) -> Setup:
+    """Resolve precision and device and build the simulator.
+
+    Args:
+        dtype: ``"float32"``, ``"float64"`` or ``"auto"``: float64 for L-BFGS
+            attacks on victims below :data:`SMALL_MODEL` parameters (L-BFGS keeps
+            converging past the float32 floor there), float32 otherwise.
+        lbfgs: whether the attack uses L-BFGS.
+    """
+    if dtype not in ("auto", "float32", "float64"):
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'float64'; got {dtype!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no GPU is available; use device cpu")
+    small = sum(p.numel() for p in obs.parameters) < SMALL_MODEL
+    if dtype == "auto":
+        dt = torch.float64 if (small and lbfgs) else torch.float32
+    else:
+        dt = getattr(torch, dtype)
+    return Setup(UpdateSimulator(obs, dtype=dt, device=device), dt, device, small)
+
+
+def random_starts(
+    obs: Observation,
+    restarts: int,
+    *,
+    init: str,
+    learn_labels: bool,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Initial dummy images (R, N, C, H, W) and label logits (R, N, K) or ``None``.
+
+    Drawn restart by restart (images, then label logits), so restart r starts
+    from the same point whether it runs alone or batched with others.
+
+    Args:
+        init: ``"uniform"`` (U[0, 1], the valid pixel range) or ``"randn"`` (N(0, 1),
+            DLG's code).
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+    n = obs.protocol.num_samples
+    spec = obs.model_spec
+    draw = torch.rand if init == "uniform" else torch.randn
+    xs, ys = [], []
+    for _ in range(restarts):
+        xs.append(draw((n, *spec.in_shape), generator=generator))
+        ys.append(torch.randn(n, spec.num_classes, generator=generator))
+    return torch.stack(xs), (torch.stack(ys) if learn_labels else None)
+
+
+def attack_labels(
+    obs: Observation, strategy: str, *, generator: torch.Generator
+) -> torch.Tensor | None:
+    """Labels (N,) from a label strategy, or ``None`` for ``"joint"`` (optimised with the images).
+
+    Fixed labels are given to the dummy samples in sorted order; the order is
+    free for a FedSGD batch, but for a FedAvg client with several local batches
+    or an aggregate of clients the true assignment of labels to batches is
+    unknown, and ``"joint"`` (soft labels optimised per sample) may fit better.
+    """
+    if strategy == "joint":
+        return None
+    from ..labels import recover_labels
+
+    return recover_labels(obs, strategy, generator=generator)

@@ -1,0 +1,167 @@
+"""The attacker's model of how an observed update arose: the three threat models.
+
+An attack proposes dummy data and asks what update it would have produced.
+:class:`UpdateSimulator` answers that question for the protocol the
+observation reveals, differentiably, for many restarts at once:
+
+* ``fedsgd``: one client sends the gradient of the mean loss on its batch;
+* ``fedavg``: one client sends θ_E − θ_0 after E local SGD steps (lr η,
+  momentum μ, local batch b); the attacker runs the same E steps on the dummy
+  data with ``create_graph`` so the delta stays differentiable in the data
+  (Geiping et al. 2020, sec. 6, "federated averaging");
+* ``aggregate``: the server sees only the sample-weighted mean of K clients'
+  updates, as under secure aggregation; the dummy batch is the union of the K
+  batches, split into the clients' groups in order, and each group is pushed
+  through its own fedsgd or fedavg computation before the weighted mean.
+
+What the attacker does not know and assumes (document it when you rely on it):
+the order in which a FedAvg client visits its samples. The simulation walks the
+dummy samples in a fixed order (step e takes samples e·b … e·b + b − 1, wrapping
+around), which loses nothing while one round covers at most one epoch (the dummy
+order is free, and reconstructions are matched to the truth afterwards), but
+is only an approximation when clients reshuffle between epochs.
+
+Restarts are batched with :func:`torch.func.vmap`: R restarts cost one
+forward and one double backward over R copies of the dummy data, and each
+restart's simulated update depends on its own dummy data only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from fl_core.types import Observation
+
+__all__ = ["THREAT_MODELS", "UpdateSimulator", "threat_model"]
+
+THREAT_MODELS = ("fedsgd", "fedavg", "aggregate")
+
+
+def threat_model(obs: Observation) -> str:
+    """The threat model an observation belongs to: ``fedsgd``, ``fedavg`` or ``aggregate``."""
+    if obs.protocol.client_samples:
+        return "aggregate"
+    return "fedavg" if obs.update.kind == "delta" else "fedsgd"
+
+
+class UpdateSimulator:
+    """Differentiable ``dummy data -> update`` for one observation's protocol.
+
+    Args:
+        obs: the observation (its protocol fixes the threat model).
+        dtype: precision of the simulation.
+        device: where it runs.
+
+    Attributes:
+        target: (d,) the observed update, flat, in ``dtype`` on ``device``.
+        num_samples: N, the dummy samples the update is computed from.
+        groups: (start, size) of each client's samples within the N.
+        model: the victim, with BatchNorm layers that use batch statistics
+            and keep no running statistics in train mode (so that the
+            simulation has no side effects and batches over restarts).
+        num_parameters: d.
+    """
+
+    def __init__(
+        self,
+        obs: Observation,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        proto = obs.protocol
+        model = obs.model(device=device).to(dtype)
+        if proto.train_mode:
+            torch.func.replace_all_batch_norm_modules_(model)
+        self.model = model
+        self.kind = obs.update.kind
+        self.threat = threat_model(obs)
+        self.protocol = proto
+        for p in model.parameters():
+            p.requires_grad_(True)
+        self.params = dict(model.named_parameters())
+        self._leaves = list(self.params.values())
+        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
+        self.target = obs.update.flat.detach().to(device, dtype)
+        self.num_parameters = self.target.numel()
+        counts = proto.client_samples or (proto.num_samples,)
+        starts = [0, *torch.tensor(counts).cumsum(0).tolist()[:-1]]
+        self.groups = list(zip(starts, counts))
+        self.num_samples = sum(counts)
+        self.weights = [n / self.num_samples for n in counts]
+        if self.kind == "delta" and (proto.lr <= 0 or proto.local_steps < 1):
+            raise ValueError("a FedAvg observation must reveal its local lr and steps")
+        self._grad = grad(self._loss)
+
+    def _loss(self, params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean soft cross-entropy of the model at ``params`` on (n, C, H, W), (n, K)."""
+        logits = functional_call(self.model, (params, self.buffers), (x,))
+        return -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+    def _flat(self, tensors) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def _gradient(self, params, x, y, batched: bool) -> dict[str, torch.Tensor]:
+        """∂loss/∂θ at ``params`` with the graph kept (so the data stay differentiable).
+
+        Under vmap this goes through :func:`torch.func.grad`; for a single
+        restart plain autograd is ~30% cheaper (no functional re-binding of the
+        module at the global parameters).
+        """
+        if batched:
+            return self._grad(params, x, y)
+        if params is self.params:
+            logits = self.model(x)
+        else:
+            logits = functional_call(self.model, (params, self.buffers), (x,))
+        loss = -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        return dict(zip(params, grads))
+
+    def _client(self, x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
+        """One client's flat update from its n samples."""
+        if self.kind == "gradient":
+            return self._flat(self._gradient(self.params, x, y, batched).values())
+        proto = self.protocol
+        n = len(x)
+        b = min(proto.batch_size, n)
+        params, velocity = self.params, None
+        for step in range(proto.local_steps):
+            idx = [(step * b + i) % n for i in range(b)]
+            if idx == list(range(idx[0], idx[0] + b)):
+                xs, ys = x[idx[0] : idx[0] + b], y[idx[0] : idx[0] + b]
+            else:
+                xs, ys = x[idx], y[idx]
+            g = self._gradient(params, xs, ys, batched)
+            if proto.momentum:  # torch.optim.SGD: v ← μ·v + g, θ ← θ − η·v
+                velocity = (
+                    g if velocity is None else {k: proto.momentum * velocity[k] + g[k] for k in g}
+                )
+                g = velocity
+            params = {k: params[k] - proto.lr * g[k] for k in params}
+        return self._flat(params[k] - self.params[k] for k in params)
+
+    def simulate_one(
+        self, x: torch.Tensor, y: torch.Tensor, *, batched: bool = False
+    ) -> torch.Tensor:
+        """The update (d,) that dummy images (N, C, H, W) with soft labels (N, K) produce.
+
+        ``batched``: called under :func:`torch.func.vmap` (by :meth:`__call__`).
+        """
+        parts = [
+            w * self._client(x[s : s + n], y[s : s + n], batched)
+            for w, (s, n) in zip(self.weights, self.groups)
+        ]
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Updates (R, d) of R restarts: images (R, N, C, H, W), soft labels (R, N, K)."""
+        if x.shape[1] != self.num_samples:
+            raise ValueError(
+                f"the observation covers {self.num_samples} samples; got {x.shape[1]} dummy images"
+            )
+        if len(x) == 1:
+            return self.simulate_one(x[0], y[0])[None]
+        return vmap(lambda xr, yr: self.simulate_one(xr, yr, batched=True))(x, y)
