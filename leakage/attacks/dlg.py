@@ -47,7 +47,7 @@ from fl_core.types import Observation
 
 from ..optim import LBFGS, step_together
 from .base import ATTACKS, Reconstruction
-from .matching import SMALL_MODEL, Setup, attack_labels, random_starts, setup
+from .matching import SMALL_MODEL, OptimisationAttack, Setup, random_starts, setup
 
 __all__ = ["DLG", "OBJECTIVE_SCALE", "SMALL_MODEL", "match_gradients"]
 
@@ -265,7 +265,7 @@ class _Problem:
 
 
 @dataclass(frozen=True)
-class DLG:
+class DLG(OptimisationAttack):
     """Deep Leakage from Gradients (Zhu et al. 2019): images and soft labels jointly.
 
     Args:
@@ -286,6 +286,8 @@ class DLG:
         device: where the attack runs.
     """
 
+    solver = staticmethod(match_gradients)
+
     steps: int = 300
     restarts: int = 4
     max_iter: int = 20
@@ -297,34 +299,6 @@ class DLG:
     batched: bool = False
     early_stop: bool = True
     device: str = "cpu"
-
-    def reconstruct(
-        self,
-        obs: Observation,
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Reconstruction:
-        """Invert ``obs``'s update; returns images (N, C, H, W) and labels (N,)."""
-        if generator is None:
-            generator = torch.Generator().manual_seed(0)
-        labels = attack_labels(obs, self.label_strategy, generator=generator)
-        return match_gradients(
-            obs,
-            labels=labels,
-            steps=self.steps,
-            restarts=self.restarts,
-            max_iter=self.max_iter,
-            lr=self.lr,
-            init=self.init,
-            tol=self.tol,
-            dtype=self.dtype,
-            batched=self.batched,
-            early_stop=self.early_stop,
-            device=self.device,
-            generator=generator,
-            progress=progress,
-        )
 
 
 ATTACKS.register("dlg")(DLG)

@@ -43,7 +43,7 @@ from fl_core.types import Observation
 
 from ..objectives import cosine_distance, total_variation
 from .base import ATTACKS, Reconstruction
-from .matching import Setup, attack_labels, random_starts, setup
+from .matching import OptimisationAttack, Setup, random_starts, setup
 
 __all__ = ["InvertingGradients", "invert_gradients"]
 
@@ -199,7 +199,7 @@ def _solve(st: Setup, x0, y0, fixed, *, steps, lr, tv, signed, bar) -> list[_Res
 
 
 @dataclass(frozen=True)
-class InvertingGradients:
+class InvertingGradients(OptimisationAttack):
     """Inverting gradients (Geiping et al. 2020): cosine matching, TV prior, signed Adam.
 
     Args:
@@ -216,6 +216,8 @@ class InvertingGradients:
         device: where the attack runs.
     """
 
+    solver = staticmethod(invert_gradients)
+
     steps: int = 4800
     restarts: int = 1
     lr: float = 0.1
@@ -226,33 +228,6 @@ class InvertingGradients:
     label_strategy: str = "auto"
     batched: bool = True
     device: str = "cpu"
-
-    def reconstruct(
-        self,
-        obs: Observation,
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Reconstruction:
-        """Invert ``obs``'s update; returns images (N, C, H, W) and labels (N,)."""
-        if generator is None:
-            generator = torch.Generator().manual_seed(0)
-        labels = attack_labels(obs, self.label_strategy, generator=generator)
-        return invert_gradients(
-            obs,
-            labels=labels,
-            steps=self.steps,
-            restarts=self.restarts,
-            lr=self.lr,
-            tv=self.tv,
-            init=self.init,
-            signed=self.signed,
-            dtype=self.dtype,
-            batched=self.batched,
-            device=self.device,
-            generator=generator,
-            progress=progress,
-        )
 
 
 ATTACKS.register("ig")(InvertingGradients)

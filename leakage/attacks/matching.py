@@ -9,15 +9,26 @@ in one batched call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from fl_core.types import Observation
 
 from ..simulate import UpdateSimulator
+from .base import Reconstruction
 
-__all__ = ["SMALL_MODEL", "Setup", "attack_labels", "random_starts", "setup"]
+__all__ = [
+    "SMALL_MODEL",
+    "OptimisationAttack",
+    "Setup",
+    "attack_labels",
+    "random_starts",
+    "setup",
+]
 
 SMALL_MODEL = 1_000_000
 """Parameter count below which ``dtype="auto"`` means float64 for L-BFGS attacks."""
@@ -133,3 +144,35 @@ def attack_labels(
     from ..labels import recover_labels
 
     return recover_labels(obs, strategy, generator=generator)
+
+
+class OptimisationAttack:
+    """Base of the optimisation attacks' frozen dataclasses.
+
+    :meth:`reconstruct` takes the labels from ``self.label_strategy`` and calls
+    the class's ``solver`` with every other field as a keyword argument, so an
+    attack class is its options plus one solver function.
+    """
+
+    solver: ClassVar[Callable[..., Reconstruction]]
+    label_strategy: str
+
+    def reconstruct(
+        self,
+        obs: Observation,
+        *,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Reconstruction:
+        """Invert ``obs``'s update; returns images (N, C, H, W) and labels (N,)."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        labels = attack_labels(obs, self.label_strategy, generator=generator)
+        options = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.name != "label_strategy"
+        }
+        return type(self).solver(
+            obs, labels=labels, generator=generator, progress=progress, **options
+        )

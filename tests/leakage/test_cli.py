@@ -113,6 +113,14 @@ BAD = {
     "unwritable out": (["--out", "{unwritable}"], "cannot write"),
     "unknown activation": (["--activation", "swish2"], "sigmoid"),
     "missing config": (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+    "unknown threat": (["--threat", "eavesdrop"], "aggregate"),
+    "clients without aggregate": (["--clients", "2"], "--threat aggregate"),
+    "too many clients": (["--threat", "aggregate", "--clients", "3"], "at least one"),
+    "unknown label strategy": (["--label-strategy", "guess"], "ilrg"),
+    "option the attack lacks": (["--tv", "0.1"], "takes no --tv"),
+    "analytic on lenet": (["--attack", "analytic"], "--model mlp"),
+    "missing checkpoint": (["--checkpoint", "/nonexistent.pt"], "/nonexistent.pt"),
+    "zero local steps": (["--threat", "fedavg", "--local-steps", "0"], "local_steps"),
 }
 
 
@@ -122,7 +130,12 @@ def test_bad_input_is_one_line_exit_2(case, bad_files, tmp_path, capsys):
     argv = [a.format(**bad_files) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
-    code, out, err = run(["attack", *argv, *FAST], capsys)
+    fast = (
+        [a for a in FAST if a not in ("--steps", "15", "--restarts", "1")]
+        if "analytic" in argv
+        else FAST
+    )
+    code, out, err = run(["attack", *argv, *fast], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -140,3 +153,72 @@ def test_console_script_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, threat, samples",
+    [
+        (["--threat", "fedavg", "--local-steps", "2", "--batch-size", "2"], "fedavg", []),
+        (["--threat", "aggregate", "--batch-size", "3", "--clients", "2"], "aggregate", [2, 1]),
+    ],
+)
+def test_threat_models_from_the_command_line(argv, threat, samples, tmp_path, capsys):
+    code, out, err = run(
+        ["attack", *argv, "--attack", "idlg", "--out", str(tmp_path), *FAST], capsys
+    )
+    assert code == 0, err
+    res = json.loads((tmp_path / "results.json").read_text())
+    proto = res["observation"]["protocol"]
+    assert res["observation"]["threat"] == threat and proto["client_samples"] == samples
+    if threat == "fedavg":
+        assert proto["algorithm"] == "fedavg" and proto["local_steps"] == 2
+    assert len(res["images"]) == sum(samples) or len(res["images"]) == 2
+    assert res["attack_options"]["label_strategy"] == "auto"
+
+
+def test_label_accuracy_counts_repeated_labels(tmp_path, capsys):
+    """summary.label_accuracy = multiset overlap / batch size; set accuracy ignores counts."""
+    argv = ["attack", "--attack", "ig", "--batch-size", "3", "--labels", "1", "1", "2"]
+    argv += ["--label-strategy", "yin", "--out", str(tmp_path), "--steps", "2", "--quiet"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    s = json.loads((tmp_path / "results.json").read_text())["summary"]
+    # yin returns 3 distinct classes: at most {1, 2} of them are right, 2 of the 3 labels
+    assert s["label_accuracy"] <= 2 / 3 and s["label_set_accuracy"] == 1.0
+
+
+def test_attack_a_trained_checkpoint(tmp_path, capsys):
+    import torch
+
+    from fl_core import build_model, save_checkpoint
+
+    model = build_model("mlp", activation="relu", generator=torch.Generator().manual_seed(1))
+    path = save_checkpoint(model, tmp_path / "victim.pt", meta={"epochs": 0})
+    argv = [
+        "attack",
+        "--attack",
+        "analytic",
+        "--checkpoint",
+        str(path),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    code, out, err = run([*argv, "--quiet"], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["config"]["model"] == "mlp" and res["checkpoint"]["path"] == str(path)
+    assert res["checkpoint"]["epochs"] == 0
+    assert res["summary"]["psnr"] is None or res["summary"]["psnr"] >= 60  # exact: inf
+
+
+def test_train_then_attack_the_checkpoint(tmp_path, capsys):
+    """``leakage train`` writes a checkpoint that ``leakage attack --checkpoint`` loads."""
+    ckpt = tmp_path / "lenet.pt"
+    argv = ["train", "--model", "lenet", "--dataset", "samples", "--epochs", "1"]
+    code, out, err = run([*argv, "--out", str(ckpt), "--quiet"], capsys)
+    assert code == 0 and ckpt.is_file(), err
+    argv = ["attack", "--attack", "idlg", "--checkpoint", str(ckpt), "--out", str(tmp_path / "r")]
+    code, out, err = run([*argv, *FAST], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["checkpoint"]["path"] == str(ckpt) and res["config"]["model"] == "lenet"

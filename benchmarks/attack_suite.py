@@ -1,0 +1,370 @@
+"""The attack suite: attacks x victims x batch sizes x threat models, one table.
+
+Every cell attacks one batch (random images of the CIFAR-10 test split, or the
+embedded photographs) on a fresh, untrained victim and scores the
+reconstruction: PSNR and SSIM after Hungarian matching, label-set and
+label-count accuracy, wall seconds of the attack. Threat models, as set up in
+each cell:
+
+* ``fedsgd``: one client's gradient of its whole batch;
+* ``fedavg``: one client's delta after 4 local SGD steps (lr 0.05) with local
+  batches of ceil(B/4) images, i.e. at most one epoch, so the dummy order is
+  not a guess (see :mod:`leakage.simulate`);
+* ``aggregate``: the mean of min(B, 4) FedSGD clients' gradients (one update
+  covering the whole batch, as under secure aggregation).
+
+Budgets are per victim size (``BUDGETS``), chosen so that the whole grid runs
+in about an hour on one CPU core; they are far below the papers' (IG: 4,800-
+24,000 iterations) and the table says so. Each finished cell is appended to
+``<out>/cells.jsonl`` at once; an interrupted run resumes without redoing
+finished cells, and the tables and the figure are rebuilt from that file.
+
+``--restart-cost`` measures instead what R restarts batched cost against one
+(wall time of a fixed number of iterations), for IG and DLG.
+
+    python benchmarks/attack_suite.py                     # the full grid, CIFAR-10
+    python benchmarks/attack_suite.py --datasets samples --batch-sizes 1 --threats fedsgd
+    python benchmarks/attack_suite.py --restart-cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fl_core import build_model, load_dataset, load_samples
+from leakage import ATTACKS, score_images
+from leakage.experiment import AttackConfig, observe
+from leakage.metrics import label_count_accuracy, label_set_accuracy
+
+VICTIMS = {  # name -> (model, activation)
+    "lenet-sigmoid": ("lenet", "sigmoid"),
+    "cnn": ("cnn", "sigmoid"),
+    "resnet18-sigmoid": ("resnet18", "sigmoid"),
+    "resnet18-relu": ("resnet18", "relu"),
+    "resnet20": ("resnet20", "relu"),
+    "mlp-relu": ("mlp", "relu"),
+}
+SMALL = {"lenet-sigmoid", "cnn", "mlp-relu"}
+BUDGETS = {  # attack -> (options for small victims, options for ResNets)
+    "dlg": ({"steps": 100, "restarts": 1}, {"steps": 2, "restarts": 1}),
+    "idlg": ({"steps": 100, "restarts": 1}, {"steps": 2, "restarts": 1}),
+    "ig": ({"steps": 1000, "restarts": 1}, {"steps": 200, "restarts": 1}),
+    "analytic": ({}, {}),
+}
+ANALYTIC_VICTIMS = {"mlp-relu"}  # the closed form needs a first linear layer
+FEDAVG_STEPS, FEDAVG_LR, AGGREGATE_CLIENTS = 4, 0.05, 4
+COLUMNS = [
+    "dataset",
+    "attack",
+    "victim",
+    "batch",
+    "threat",
+    "seed",
+    "psnr",
+    "ssim",
+    "label_set_accuracy",
+    "label_count_accuracy",
+    "seconds",
+    "budget",
+]
+
+
+def key(cell: dict) -> tuple:
+    return tuple(cell[c] for c in ("dataset", "attack", "victim", "batch", "threat", "seed"))
+
+
+def threat_config(threat: str, batch: int, dtype: str = "auto") -> AttackConfig:
+    """The threat-model settings of a cell, as an AttackConfig (only those fields matter)."""
+    if threat == "fedavg":
+        return AttackConfig(
+            batch_size=batch,
+            threat="fedavg",
+            local_steps=FEDAVG_STEPS,
+            local_lr=FEDAVG_LR,
+            local_batch_size=math.ceil(batch / FEDAVG_STEPS),
+            precision=dtype,
+        )
+    if threat == "aggregate":
+        return AttackConfig(
+            batch_size=batch,
+            threat="aggregate",
+            clients=min(batch, AGGREGATE_CLIENTS),
+            precision=dtype,
+        )
+    return AttackConfig(batch_size=batch, precision=dtype)
+
+
+_DATA: dict[str, object] = {}
+
+
+def dataset(name: str, root: str):
+    if name not in _DATA:
+        if name == "samples":
+            _DATA[name] = load_samples()
+        else:
+            _DATA[name] = load_dataset(name, root=root, train=False)
+    return _DATA[name]
+
+
+def run_cell(dataset_name, attack, victim, batch, threat, seed, root, figs: Path) -> dict:
+    data = dataset(dataset_name, root)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data), generator=g)[:batch].tolist()
+    chosen = data.subset(idx)
+    model_name, act = VICTIMS[victim]
+    model = build_model(
+        model_name,
+        num_classes=10,
+        in_shape=chosen.shape,
+        activation=act,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    cfg = threat_config(threat, batch)
+    obs, gt = observe(cfg, model, chosen)
+    options = BUDGETS[attack][0 if victim in SMALL else 1]
+    atk = ATTACKS.build(attack, **options)
+    start = time.perf_counter()
+    rec = atk.reconstruct(obs, generator=torch.Generator().manual_seed(seed))
+    seconds = time.perf_counter() - start
+    scores = score_images(rec.images, gt.images, data_range=1.0)
+    torch.save(
+        {"truth": gt.images, "reconstruction": rec.images[scores.order]},
+        figs / f"{'-'.join(map(str, (dataset_name, attack, victim, batch, threat, seed)))}.pt",
+    )
+    return {
+        "dataset": dataset_name,
+        "attack": attack,
+        "victim": victim,
+        "batch": batch,
+        "threat": threat,
+        "seed": seed,
+        "psnr": float(scores.psnr.clamp(max=100).mean()),
+        "ssim": float(scores.ssim.mean()),
+        "label_set_accuracy": label_set_accuracy(rec.labels.tolist(), gt.labels.tolist()),
+        "label_count_accuracy": label_count_accuracy(rec.labels.tolist(), gt.labels.tolist()),
+        "seconds": seconds,
+        "budget": ", ".join(f"{k} {v}" for k, v in options.items()) or "closed form",
+        "loss": rec.loss if math.isfinite(rec.loss) else None,
+        "stopped": rec.stopped,
+        "evaluations": rec.evaluations,
+        "images": chosen.names,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def load_cells(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    cells = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                cells.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by an interruption: redo that cell
+                continue
+    return cells
+
+
+def write_tables(cells: list[dict], out: Path) -> str:
+    """Mean over seeds per (dataset, attack, victim, batch, threat); Markdown + CSV."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault(key(c)[:5], []).append(c)
+    rows = []
+    for k in sorted(groups, key=lambda k: (k[0], k[1], list(VICTIMS).index(k[2]), k[3], k[4])):
+        cs = groups[k]
+        row = dict(zip(("dataset", "attack", "victim", "batch", "threat"), k))
+        row["seeds"] = len(cs)
+        for m in ("psnr", "ssim", "label_set_accuracy", "label_count_accuracy", "seconds"):
+            row[m] = statistics.fmean(c[m] for c in cs)
+        row["budget"] = cs[0]["budget"]
+        rows.append(row)
+    names = [
+        "dataset",
+        "attack",
+        "victim",
+        "batch",
+        "threat",
+        "seeds",
+        "psnr",
+        "ssim",
+        "label_set_accuracy",
+        "label_count_accuracy",
+        "seconds",
+        "budget",
+    ]
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=names)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        "| dataset | attack | victim | B | threat | seeds | PSNR dB | SSIM | label set | "
+        "label count | s | budget |",
+        "|---|---|---|--:|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['attack']} | {r['victim']} | {r['batch']} | {r['threat']} "
+            f"| {r['seeds']} | {r['psnr']:.1f} | {r['ssim']:.3f} | "
+            f"{r['label_set_accuracy']:.2f} | {r['label_count_accuracy']:.2f} | "
+            f"{r['seconds']:.1f} | {r['budget']} |"
+        )
+    md = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(md)
+    return md
+
+
+def _show(ax, image: torch.Tensor, title: str) -> None:
+    ax.imshow(image.permute(1, 2, 0).squeeze().numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=7)
+
+
+def write_figure(cells: list[dict], out: Path) -> None:
+    """Truth and reconstructions at batch 1, fedsgd: one row per victim, one column per attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for ds in sorted({c["dataset"] for c in cells}):
+        cs = [c for c in cells if (c["dataset"], c["batch"], c["threat"]) == (ds, 1, "fedsgd")]
+        if not cs:
+            continue
+        seed = min(c["seed"] for c in cs)
+        cs = [c for c in cs if c["seed"] == seed]
+        victims = [v for v in VICTIMS if any(c["victim"] == v for c in cs)]
+        attacks = [a for a in BUDGETS if any(c["attack"] == a for c in cs)]
+        fig, axes = plt.subplots(
+            len(victims),
+            len(attacks) + 1,
+            figsize=(1.5 * (len(attacks) + 1), 1.6 * len(victims)),
+            squeeze=False,
+        )
+        for row, v in zip(axes, victims):
+            for ax in row:
+                ax.set_xticks([])
+                ax.set_yticks([])
+            row[0].set_ylabel(v, fontsize=7)
+            for j, a in enumerate(attacks, start=1):
+                c = next((c for c in cs if c["victim"] == v and c["attack"] == a), None)
+                if c is None:
+                    row[j].axis("off")
+                    continue
+                saved = torch.load(
+                    out / "cells" / f"{'-'.join(map(str, key(c)))}.pt", weights_only=True
+                )
+                _show(row[0], saved["truth"][0], "truth")
+                _show(row[j], saved["reconstruction"][0], f"{a} {c['psnr']:.1f} dB")
+        fig.tight_layout()
+        fig.savefig(out / f"grid-{ds}.png", dpi=120)
+        plt.close(fig)
+
+
+def restart_cost(args) -> None:
+    """Wall time of a fixed budget with R restarts batched, against R = 1."""
+    data = load_samples()
+    lines = [
+        "| attack | victim | restarts | iterations | seconds | x one restart |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    for attack, victim, options in (
+        ("ig", "lenet-sigmoid", {"steps": 200}),
+        ("dlg", "lenet-sigmoid", {"steps": 5, "tol": 0.0, "early_stop": False, "batched": True}),
+        ("ig", "resnet20", {"steps": 20}),
+        ("ig", "resnet18-sigmoid", {"steps": 10}),
+    ):
+        if victim not in args.victims and victim != "lenet-sigmoid":
+            continue
+        model_name, act = VICTIMS[victim]
+        model = build_model(model_name, activation=act, generator=torch.Generator().manual_seed(0))
+        obs, _ = observe(AttackConfig(), model, data.subset([0]))
+        base = None
+        for r in args.restart_counts:
+            atk = ATTACKS.build(attack, restarts=r, **options)
+            atk.reconstruct(obs, generator=torch.Generator().manual_seed(0))  # warm-up
+            start = time.perf_counter()
+            rec = atk.reconstruct(obs, generator=torch.Generator().manual_seed(0))
+            seconds = time.perf_counter() - start
+            base = seconds if r == 1 else base
+            lines.append(
+                f"| {attack} | {victim} | {r} | {rec.evaluations} evaluations | {seconds:.2f} | "
+                f"{seconds / base:.2f} |"
+            )
+            print(lines[-1], flush=True)
+    md = "\n".join(lines) + "\n"
+    (args.out / "restart_cost.md").write_text(md)
+    print(md)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--datasets", nargs="+", default=["cifar10"], help="cifar10 and/or samples")
+    p.add_argument("--data-root", default="../shared/datasets")
+    p.add_argument("--attacks", nargs="+", default=list(BUDGETS))
+    p.add_argument("--victims", nargs="+", default=list(VICTIMS))
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8])
+    p.add_argument("--threats", nargs="+", default=["fedsgd", "fedavg", "aggregate"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/attack_suite"))
+    p.add_argument("--restart-cost", action="store_true", help="measure batched restarts instead")
+    p.add_argument("--restart-counts", nargs="+", type=int, default=[1, 2, 4, 8])
+    args = p.parse_args(argv)
+    for v in args.victims:
+        if v not in VICTIMS:
+            p.error(f"unknown victim {v!r}; valid: {', '.join(VICTIMS)}")
+    for a in args.attacks:
+        if a not in BUDGETS:
+            p.error(f"unknown attack {a!r}; valid: {', '.join(BUDGETS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.restart_cost:
+        restart_cost(args)
+        return 0
+    figs = args.out / "cells"
+    figs.mkdir(exist_ok=True)
+    path = args.out / "cells.jsonl"
+    cells = load_cells(path)
+    done = {key(c) for c in cells}
+    todo = [
+        (d, a, v, b, t, s)
+        for d in args.datasets
+        for v in args.victims
+        for a in args.attacks
+        for b in args.batch_sizes
+        for t in args.threats
+        for s in args.seeds
+        if (a == "analytic") == (v in ANALYTIC_VICTIMS)
+    ]
+    for n, cell_key in enumerate(todo):
+        if cell_key in done:
+            continue
+        try:
+            cell = run_cell(*cell_key, args.data_root, figs)
+        except ValueError as e:  # a cell the attack cannot handle: say so, keep going
+            print(f"skip {cell_key}: {str(e).splitlines()[0]}", file=sys.stderr)
+            continue
+        with open(path, "a") as f:
+            f.write(json.dumps(cell) + "\n")
+        cells.append(cell)
+        print(
+            f"[{n + 1}/{len(todo)}] {' '.join(map(str, cell_key))}: {cell['psnr']:.1f} dB, "
+            f"labels {cell['label_count_accuracy']:.2f}, {cell['seconds']:.1f} s",
+            flush=True,
+        )
+    print(write_tables(cells, args.out))
+    write_figure(cells, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
