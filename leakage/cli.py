@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=S, help="attack optimiser steps (default: the attack's)"
     )
     a.add_argument(
-        "--restarts", type=int, default=S, help="random restarts, batched (default: the attack's)"
+        "--restarts", type=int, default=S, help="random restarts (default: the attack's)"
     )
     a.add_argument("--tv", type=float, default=S, help="total-variation weight (attack ig)")
     a.add_argument(

@@ -79,7 +79,7 @@ class AttackConfig:
         checkpoint: a victim saved by ``leakage train``; its architecture
             replaces ``model``, ``activation`` and ``num_classes``.
         steps: optimiser steps of the attack (``None``: the attack's default).
-        restarts: random restarts of the attack, batched (``None``: default).
+        restarts: random restarts of the attack (``None``: the attack's default).
         tv: total-variation weight (attack ``ig``; ``None``: default).
         precision: the attack's float precision: ``auto`` (float64 for L-BFGS on
             small victims such as LeNet, float32 otherwise), ``float32``, ``float64``.
