@@ -62,13 +62,13 @@ BUDGETS = {  # attack -> (options for small victims, options for ResNets)
 }
 ANALYTIC_VICTIMS = {"mlp-relu"}  # the closed form needs a first linear layer
 FEDAVG_STEPS, FEDAVG_LR, AGGREGATE_CLIENTS = 4, 0.05, 4
-COLUMNS = [
+COLUMNS = [  # of table.csv: one row per (dataset, attack, victim, batch, threat)
     "dataset",
     "attack",
     "victim",
     "batch",
     "threat",
-    "seed",
+    "seeds",
     "psnr",
     "ssim",
     "label_set_accuracy",
@@ -188,22 +188,8 @@ def write_tables(cells: list[dict], out: Path) -> str:
             row[m] = statistics.fmean(c[m] for c in cs)
         row["budget"] = cs[0]["budget"]
         rows.append(row)
-    names = [
-        "dataset",
-        "attack",
-        "victim",
-        "batch",
-        "threat",
-        "seeds",
-        "psnr",
-        "ssim",
-        "label_set_accuracy",
-        "label_count_accuracy",
-        "seconds",
-        "budget",
-    ]
     with open(out / "table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=names)
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
     lines = [

@@ -160,24 +160,33 @@ def _solve(st: Setup, x0, y0, fixed, *, steps, lr, tv, signed, bar) -> list[_Res
 
     histories: list[list[float]] = [[] for _ in range(r)]
     alive = torch.ones(r, dtype=torch.bool, device=st.device)
+    all_alive = True
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         matching = cosine_distance(sim(x, targets()), sim.target)  # (R,)
         objective = matching + tv * total_variation(x) if tv else matching
-        alive &= torch.isfinite(objective)
-        if not bool(alive.any()):
-            break
-        objective[alive].sum().backward()
-        with torch.no_grad():
-            for v in variables:
-                v.grad[~alive] = 0.0
-                if signed:
+        values = objective.tolist()  # the one host sync per iteration
+        if not all(map(math.isfinite, values)):
+            alive &= torch.isfinite(objective)
+            all_alive = False
+            if not bool(alive.any()):
+                break
+        if all_alive:
+            objective.sum().backward()
+        else:
+            objective[alive].sum().backward()
+            with torch.no_grad():
+                for v in variables:
+                    v.grad[~alive] = 0.0  # a non-finite restart stays where it was
+        if signed:
+            with torch.no_grad():
+                for v in variables:
                     v.grad.sign_()
         opt.step()
         schedule.step()
         with torch.no_grad():
             x.clamp_(0, 1)
-        for h, v in zip(histories, objective.tolist()):
+        for h, v in zip(histories, values):
             h.append(v)
         bar.update(1)
     final = cosine_distance(sim(x.detach(), targets().detach()), sim.target).detach()  # (R,)
