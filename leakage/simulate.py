@@ -94,6 +94,7 @@ class UpdateSimulator:
         if self.kind == "delta" and (proto.lr <= 0 or proto.local_steps < 1):
             raise ValueError("a FedAvg observation must reveal its local lr and steps")
         self._grad = grad(self._loss)
+        self._plans = {n: self._local_batches(n) for n in counts}  # per client size, once
 
     def _loss(self, params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean soft cross-entropy of the model at ``params`` on (n, C, H, W), (n, K)."""
@@ -120,21 +121,29 @@ class UpdateSimulator:
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         return dict(zip(params, grads))
 
+    def _local_batches(self, n: int) -> tuple[slice | list[int], ...]:
+        """Indices of each local step's batch among a client's n samples.
+
+        Step e takes samples e·b … e·b + b − 1, wrapping around; a slice where
+        that range does not wrap (no copy), a list of indices where it does.
+        """
+        b = min(self.protocol.batch_size, n)
+        out: list[slice | list[int]] = []
+        for step in range(self.protocol.local_steps):
+            start = step * b % n
+            out.append(
+                slice(start, start + b) if start + b <= n else [(start + i) % n for i in range(b)]
+            )
+        return tuple(out)
+
     def _client(self, x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
         """One client's flat update from its n samples."""
         if self.kind == "gradient":
             return self._flat(self._gradient(self.params, x, y, batched).values())
         proto = self.protocol
-        n = len(x)
-        b = min(proto.batch_size, n)
         params, velocity = self.params, None
-        for step in range(proto.local_steps):
-            idx = [(step * b + i) % n for i in range(b)]
-            if idx == list(range(idx[0], idx[0] + b)):
-                xs, ys = x[idx[0] : idx[0] + b], y[idx[0] : idx[0] + b]
-            else:
-                xs, ys = x[idx], y[idx]
-            g = self._gradient(params, xs, ys, batched)
+        for idx in self._plans[len(x)]:
+            g = self._gradient(params, x[idx], y[idx], batched)
             if proto.momentum:  # torch.optim.SGD: v ← μ·v + g, θ ← θ − η·v
                 velocity = (
                     g if velocity is None else {k: proto.momentum * velocity[k] + g[k] for k in g}
