@@ -41,6 +41,7 @@ __all__ = [
     "build_plan",
     "normalize_defenses",
     "parse_defense_option",
+    "parse_name_params",
 ]
 
 STAGES = ("training", "client", "aggregation", "post")
@@ -290,20 +291,38 @@ def normalize_defenses(defenses: Sequence[Any] | None) -> tuple[tuple[str, dict[
     return tuple(out)
 
 
-def parse_defense_option(text: str) -> tuple[str, dict[str, Any]]:
-    """One ``--defense`` option: ``name`` or ``name:key=value,key=value``."""
+def parse_name_params(text: str, flag: str = "--defense") -> tuple[str, dict[str, Any]]:
+    """One ``name`` or ``name:key=value,key=value`` command-line option.
+
+    Values are read as YAML (``1e-2``, ``true``, ``[0, 3]``); commas inside
+    brackets belong to the value, so ``ids=[0,3]`` is one parameter.
+    """
     import yaml
 
     name, _, rest = text.partition(":")
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(rest):
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            parts.append(rest[start:i])
+            start = i + 1
+    parts.append(rest[start:])
     params: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
+    for part in filter(None, (p.strip() for p in parts)):
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
             raise ValueError(
-                f"--defense {text!r}: write name:key=value,key=value (e.g. clip:max_norm=1.0)"
+                f"{flag} {text!r}: write name:key=value,key=value (e.g. clip:max_norm=1.0)"
             )
         params[key.strip()] = yaml.safe_load(value.strip())
+    if not name.strip():
+        raise ValueError(f"{flag} {text!r}: the name is missing before ':'")
     return name.strip(), params
+
+
+def parse_defense_option(text: str) -> tuple[str, dict[str, Any]]:
+    """One ``--defense`` option: ``name`` or ``name:key=value,key=value``."""
+    return parse_name_params(text, "--defense")
 
 
 @dataclass(frozen=True)

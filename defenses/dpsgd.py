@@ -313,7 +313,7 @@ class DPSGDClient:
         # optimizer averages by the *expected* batch size (loss_reduction="mean").
         gsm = GradSampleModule(private, loss_reduction="sum")
         optimizer = DPOptimizer(
-            torch.optim.SGD(params, lr=t.lr, momentum=t.momentum),
+            torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay),
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_batch_size,

@@ -40,6 +40,9 @@ import torch
 
 from fl_core.types import Update
 
+from .foolsgold import FoolsGold, foolsgold_weights
+from .robust_checks import _check_params, _prepare, _uniform
+
 __all__ = [
     "AGGREGATORS",
     "FoolsGold",
@@ -60,95 +63,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-
-
-# ----------------------------------------------------------------------------- input checks
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_f(rule: str, f: object) -> None:
-    if not (_is_int(f) and f >= 0):  # type: ignore[operator]
-        raise ValueError(f"{rule} needs f (the number of Byzantine clients) >= 0; got {f!r}")
-
-
-def _check_m(rule: str, m: object) -> None:
-    if m is not None and not (_is_int(m) and m >= 1):  # type: ignore[operator]
-        raise ValueError(f"{rule} needs m >= 1 (or None for n - f); got {m!r}")
-
-
-def _check_beta(rule: str, beta: object) -> None:
-    if not (isinstance(beta, int | float) and 0 <= beta < 0.5):
-        raise ValueError(
-            f"{rule} needs 0 <= beta < 0.5 (the fraction cut from each end); got {beta!r}"
-        )
-
-
-def _check_positive(name: str) -> Callable[[str, object], None]:
-    def check(rule: str, value: object) -> None:
-        if not (isinstance(value, int | float) and value > 0):
-            raise ValueError(f"{rule} needs {name} > 0; got {value!r}")
-
-    return check
-
-
-def _check_count(name: str) -> Callable[[str, object], None]:
-    def check(rule: str, value: object) -> None:
-        if not (_is_int(value) and value >= 1):  # type: ignore[operator]
-            raise ValueError(f"{rule} needs {name} to be an integer >= 1; got {value!r}")
-
-    return check
-
-
-def _check_tol(rule: str, tol: object) -> None:
-    if not (isinstance(tol, int | float) and tol >= 0):
-        raise ValueError(f"{rule} needs tol >= 0; got {tol!r}")
-
-
-_PARAM_CHECKS: dict[str, Callable[[str, object], None]] = {
-    "f": _check_f,
-    "m": _check_m,
-    "beta": _check_beta,
-    "nu": _check_positive("nu"),
-    "max_iter": _check_count("max_iter"),
-    "tol": _check_tol,
-    "tau": _check_positive("tau"),
-    "iterations": _check_count("iterations"),
-    "confidence": _check_positive("confidence"),
-}
-
-
-def _check_params(rule: str, params: dict[str, Any]) -> None:
-    """Checks of parameter values that do not depend on the number of clients."""
-    for name, value in params.items():
-        if name in _PARAM_CHECKS:
-            _PARAM_CHECKS[name](rule, value)
-
-
-def _prepare(rule: str, updates: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``updates`` as float64 (n, d) and ``weights`` normalised to sum 1 (or ``None``)."""
-    if not isinstance(updates, torch.Tensor) or updates.ndim != 2 or updates.shape[0] == 0:
-        shape = tuple(updates.shape) if isinstance(updates, torch.Tensor) else type(updates)
-        raise ValueError(f"{rule} needs updates of shape (n, d) with n >= 1; got {shape}")
-    if not updates.is_floating_point():
-        raise ValueError(f"{rule} needs floating-point updates; got {updates.dtype}")
-    x = updates.to(torch.float64)
-    if weights is None:
-        return x, None
-    w = torch.as_tensor(weights, dtype=torch.float64, device=updates.device)
-    if w.shape != (updates.shape[0],):
-        raise ValueError(
-            f"{rule} needs one weight per update: shape ({updates.shape[0]},); got {tuple(w.shape)}"
-        )
-    if not (torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
-        raise ValueError(f"{rule} needs finite non-negative weights with a positive sum")
-    return x, w / w.sum()
-
-
-def _uniform(x: Tensor) -> Tensor:
-    return torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=x.dtype, device=x.device)
 
 
 # ----------------------------------------------------------------------------- the rules
@@ -433,99 +347,6 @@ def centered_clipping(
         scale = torch.where(norms > tau, tau / norms.clamp_min(1e-300), torch.ones_like(norms))
         v = v + alpha @ (diff * scale[:, None])
     return v.to(updates.dtype)
-
-
-def foolsgold_weights(histories: Tensor, *, confidence: float = 1.0) -> Tensor:
-    """FoolsGold's per-client weights from the clients' update histories.
-
-    Fung, Yoon and Beschastnikh 2020, "The Limitations of Federated Learning in
-    Sybil Settings", Algorithm 1 (without the optional feature-importance step), as
-    in the authors' ``foolsgold.py``: cosine similarities cs_ij of the histories
-    (cs_ii = 0); v_i = max_j cs_ij; pardoning cs_ij ← cs_ij·v_i/v_j when v_j > v_i;
-    α_i = 1 − max_j cs_ij clipped to [0, 1]; α ← α / max α, with 1 replaced by
-    0.99; α ← κ(ln[α/(1 − α)] + 0.5) clipped to [0, 1].
-
-    Args:
-        histories: (k, d) one history (sum of past updates) per client.
-        confidence: κ > 0, the logit's confidence.
-
-    Returns:
-        (k,) float64 weights in [0, 1]; all zero when every client looks like a sybil.
-    """
-    _check_params("foolsgold", {"confidence": confidence})
-    h = histories.to(torch.float64)
-    unit = h / h.norm(dim=1, keepdim=True).clamp_min(1e-300)  # (k, d)
-    cs = unit @ unit.T  # (k, k)
-    cs.fill_diagonal_(0.0)
-    v = cs.max(dim=1).values  # (k,)
-    pardon = v[:, None] < v[None, :]  # (k, k): v_i < v_j
-    cs = torch.where(pardon, cs * v[:, None] / v[None, :].clamp_min(1e-300), cs)
-    alpha = (1 - cs.max(dim=1).values).clamp(0, 1)  # (k,)
-    if alpha.max() == 0:
-        return alpha
-    alpha = alpha / alpha.max()
-    alpha = torch.where(alpha == 1, torch.full_like(alpha, 0.99), alpha)
-    alpha = confidence * (torch.log(alpha / (1 - alpha)) + 0.5)  # ln 0 = -inf -> 0 below
-    return alpha.clamp(0, 1)
-
-
-class FoolsGold:
-    """FoolsGold (Fung et al. 2020): down-weights clients whose histories look alike.
-
-    Keeps, per client id, the sum of all that client's updates so far, so a client
-    that skips rounds (client sampling) keeps its history. Each call adds the
-    current updates to their senders' histories, computes :func:`foolsgold_weights`
-    over every client with a history (Algorithm 1 loops over all clients, so a sybil
-    is caught even when its twins were not sampled this round), and returns the
-    α-weighted average of the current updates (α times the sample weights when
-    given). When every current weight is 0, it returns zeros (no step).
-
-    Args:
-        confidence: κ > 0, the logit's confidence.
-
-    Attributes:
-        history: client id -> (d,) float64 sum of that client's updates.
-        last_weights: (n,) the normalised weights of the last call's updates.
-    """
-
-    def __init__(self, confidence: float = 1.0) -> None:
-        _check_params("foolsgold", {"confidence": confidence})
-        self.confidence = confidence
-        self.history: dict[int, Tensor] = {}
-        self.last_weights: Tensor | None = None
-
-    def __call__(
-        self,
-        updates: Tensor,
-        *,
-        client_ids: Sequence[int],
-        weights: Tensor | None = None,
-    ) -> Tensor:
-        """Aggregate one round: ``updates`` (n, d) from ``client_ids`` (n,); returns (d,)."""
-        x, w = _prepare("foolsgold", updates, weights)
-        ids = [int(c) for c in client_ids]
-        if len(ids) != x.shape[0] or len(set(ids)) != len(ids):
-            raise ValueError(
-                f"foolsgold needs one distinct client id per update ({x.shape[0]}); got {ids}"
-            )
-        if self.history and next(iter(self.history.values())).shape != x.shape[1:]:
-            raise ValueError("foolsgold got updates of a different size than its history")
-        for c, xi in zip(ids, x):
-            self.history[c] = self.history[c] + xi if c in self.history else xi.clone()
-        known = list(self.history)
-        alpha_all = foolsgold_weights(
-            torch.stack([self.history[c] for c in known]), confidence=self.confidence
-        )  # (k,)
-        row = {c: i for i, c in enumerate(known)}
-        alpha = alpha_all[[row[c] for c in ids]]  # (n,)
-        if w is not None:
-            alpha = alpha * w
-        if alpha.sum() == 0:
-            log.warning("foolsgold: every update this round looks like a sybil; no step")
-            self.last_weights = alpha
-            return torch.zeros(x.shape[1], dtype=updates.dtype, device=updates.device)
-        self.last_weights = alpha / alpha.sum()
-        return (self.last_weights @ x).to(updates.dtype)
 
 
 # ----------------------------------------------------------------------------- server hook

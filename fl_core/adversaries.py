@@ -35,14 +35,16 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .backdoor import PixelTrigger, apply_trigger, backdoor_success
 from .client import Client, float_buffers
 from .registry import Registry
+from .schedule import Schedule, select_malicious
 from .types import GroundTruth, Protocol, Update
 
 __all__ = [
@@ -66,91 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
-
-
-# --------------------------------------------------------------------------- who and when
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The rounds ``start <= t < stop`` in which an adversary misbehaves.
-
-    Attributes:
-        start: first malicious round (>= 0).
-        stop: first honest round after the attack (exclusive); ``None``: forever.
-    """
-
-    start: int = 0
-    stop: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.start < 0:
-            raise ValueError(f"rounds start {self.start}: use a round index >= 0")
-        if self.stop is not None and self.stop <= self.start:
-            raise ValueError(
-                f"rounds ({self.start}, {self.stop}) is empty: stop must exceed start or be None"
-            )
-
-    @classmethod
-    def of(cls, rounds: Schedule | tuple[int, int | None] | None) -> Schedule:
-        """Coerce ``(start, stop)``, a Schedule or ``None`` (every round) to a Schedule."""
-        if rounds is None:
-            return cls()
-        if isinstance(rounds, Schedule):
-            return rounds
-        if not isinstance(rounds, (tuple, list)) or len(rounds) != 2:
-            raise ValueError(
-                f"rounds must be (start, stop) with stop None for forever; got {rounds!r}"
-            )
-        return cls(int(rounds[0]), None if rounds[1] is None else int(rounds[1]))
-
-    def __contains__(self, round: object) -> bool:
-        if not hasattr(round, "__index__") or isinstance(round, bool):
-            return False
-        t = round.__index__()
-        return t >= self.start and (self.stop is None or t < self.stop)
-
-
-def select_malicious(
-    num_clients: int,
-    *,
-    fraction: float | None = None,
-    ids: Sequence[int] | None = None,
-    seed: int = 0,
-) -> list[int]:
-    """Which clients are malicious: explicit ids, or ⌊fraction·M⌋ drawn without replacement.
-
-    Args:
-        num_clients: M, the number of clients (ids ``0 .. M−1``).
-        fraction: share of malicious clients in [0, 1]; ``⌊fraction·M⌋`` of them
-            are drawn by a permutation from ``torch.Generator().manual_seed(seed)``
-            (FedMLSecurity's default is 10% of the clients).
-        ids: explicit malicious ids (exclusive with ``fraction``).
-        seed: seed of the draw (the same seed gives the same clients).
-
-    Returns:
-        The malicious ids, sorted.
-    """
-    if num_clients < 1:
-        raise ValueError(f"num_clients {num_clients}: use a positive integer")
-    if (fraction is None) == (ids is None):
-        raise ValueError("give exactly one of fraction= or ids=")
-    if ids is not None:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < num_clients]
-        if bad:
-            raise ValueError(f"malicious ids {bad} are outside 0..{num_clients - 1}")
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"malicious ids {ids} contain duplicates")
-        return sorted(ids)
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction {fraction}: use a share in [0, 1]")
-    k = math.floor(fraction * num_clients + 1e-9)  # 0.3 * 10 must give 3
-    g = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(num_clients, generator=g)[:k].tolist())
-
 
 # --------------------------------------------------------------------------- pure update math
 
@@ -395,89 +312,6 @@ class LabelFlipping(_Wrapper):
 
 
 # --------------------------------------------------------------------------- backdoors
-
-
-def apply_trigger(
-    images: torch.Tensor,
-    *,
-    size: int = 3,
-    corner: str = "bottom_right",
-    value: float = 1.0,
-) -> torch.Tensor:
-    """Stamp a ``size × size`` square of ``value`` (white for images in [0, 1]) in a corner.
-
-    A pixel-pattern backdoor trigger in the spirit of Gu et al. 2017 (BadNets)
-    and Bagdasaryan et al. 2020; the same pattern on every channel.
-
-    Args:
-        images: (N, C, H, W).
-        size: side of the square, in pixels.
-        corner: ``"bottom_right"``, ``"bottom_left"``, ``"top_right"`` or ``"top_left"``.
-        value: the pixel value written.
-
-    Returns:
-        A triggered copy (N, C, H, W); ``images`` is left unchanged.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W); got shape {tuple(images.shape)}")
-    h, w = images.shape[-2:]
-    if not 1 <= size <= min(h, w):
-        raise ValueError(f"trigger size {size}: use 1..{min(h, w)} for {h}x{w} images")
-    if corner not in CORNERS:
-        raise ValueError(f"unknown corner {corner!r}; valid corners: {', '.join(CORNERS)}")
-    rows = slice(h - size, h) if corner.startswith("bottom") else slice(0, size)
-    cols = slice(w - size, w) if corner.endswith("right") else slice(0, size)
-    out = images.clone()
-    out[..., rows, cols] = value
-    return out
-
-
-@dataclass(frozen=True)
-class PixelTrigger:
-    """A square pixel trigger, callable on images (N, C, H, W); see :func:`apply_trigger`."""
-
-    size: int = 3
-    corner: str = "bottom_right"
-    value: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"trigger size {self.size}: use a positive integer")
-        if self.corner not in CORNERS:
-            raise ValueError(f"unknown corner {self.corner!r}; valid corners: {', '.join(CORNERS)}")
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return apply_trigger(images, size=self.size, corner=self.corner, value=self.value)
-
-
-def backdoor_success(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    target: int,
-    trigger: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> float:
-    """Backdoor accuracy (Bagdasaryan et al. 2020): the share of triggered test images
-    whose true class is not ``target`` that ``model`` (eval mode) classifies as ``target``.
-
-    Args:
-        model: the model under test.
-        images: (N, C, H, W) clean test images.
-        labels: (N,) their labels.
-        target: the attacker's label.
-        trigger: the trigger (default :class:`PixelTrigger`'s white 3x3 square).
-    """
-    keep = labels != target
-    if not bool(keep.any()):
-        raise ValueError(f"every test image is of class {target}: nothing to measure")
-    x = (trigger or PixelTrigger())(images[keep])  # (n, C, H, W)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        pred = model(x.to(next(model.parameters()).device)).argmax(1).cpu()
-    model.train(was_training)
-    return float((pred == target).float().mean())
 
 
 class ModelReplacement(_Wrapper):

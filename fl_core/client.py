@@ -26,6 +26,7 @@ class LocalTraining:
         local_steps: SGD steps per round (FedAvg only).
         lr: local learning rate (FedAvg only).
         momentum: local SGD momentum (FedAvg only).
+        weight_decay: local SGD weight decay, L2 added to the gradient (FedAvg only).
     """
 
     algorithm: Literal["fedsgd", "fedavg"] = "fedsgd"
@@ -33,6 +34,7 @@ class LocalTraining:
     local_steps: int = 1
     lr: float = 0.01
     momentum: float = 0.0
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("fedsgd", "fedavg"):
@@ -41,8 +43,8 @@ class LocalTraining:
             raise ValueError(f"batch size {self.batch_size}: use a positive integer")
         if self.local_steps < 1:
             raise ValueError(f"local_steps {self.local_steps}: use a positive integer")
-        if self.lr <= 0 or self.momentum < 0:
-            raise ValueError("lr must be positive and momentum non-negative")
+        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError("lr must be positive, momentum and weight_decay non-negative")
 
 
 def float_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -136,7 +138,8 @@ class Client:
             used = idx
         else:
             start = [p.detach().clone() for p in params]
-            opt = torch.optim.SGD(params, lr=self.training.lr, momentum=self.training.momentum)
+            t = self.training
+            opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
             for idx in batches:
                 x, y = self.images[idx].to(device), self.labels[idx].to(device)
                 opt.zero_grad(set_to_none=True)

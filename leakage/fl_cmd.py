@@ -23,6 +23,15 @@ A YAML file in the style of the FedMLSecurity paper (``attack_args`` /
       enable: true
       defenses: [{median: null}]   # any defense list (see defenses.config)
 
+Flags lay over the file (or over the defaults, without one)::
+
+    leakage fl run.yaml --attack byzantine:mode=random,fraction=0.1 --defense multi_krum:f=1,m=5
+    leakage fl run.yaml --set num_clients=20 --set partition=dirichlet --defense none
+
+``--attack TYPE:k=v,...`` replaces ``attack_args``, each ``--defense`` adds to
+a list that replaces ``defense_args``, ``none`` disables either, and ``--set``
+overrides any other key.
+
 Every evaluated round appends one record (test accuracy, and backdoor success
 for a model-replacement attack with a target) to ``<out>/rounds.jsonl`` and
 saves the server's state to ``<out>/state.pt``; a rerun with the same config
@@ -45,7 +54,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLConfig", "add_fl_parser", "load_fl_config", "run_fl"]
+__all__ = ["FLConfig", "add_fl_parser", "config_from_args", "load_fl_config", "run_fl"]
 
 ATTACK_KEYS = {"enable", "type", "fraction", "ids", "rounds", "seed"}
 
@@ -64,7 +73,7 @@ class FLConfig:
         partition: ``iid`` or ``dirichlet`` (label skew with ``alpha``).
         rounds: FL rounds to run.
         algorithm: ``fedavg`` (local SGD, delta) or ``fedsgd`` (one gradient).
-        local_steps, batch_size, lr, momentum: local training (FedAvg).
+        local_steps, batch_size, lr, momentum, weight_decay: local training (FedAvg).
         server_lr: the server's step on the aggregate.
         eval_every: evaluate (and save state) every this many rounds, and after the last.
         attack_args: ``enable``, ``type`` (``byzantine``, ``label_flip``,
@@ -96,6 +105,7 @@ class FLConfig:
     batch_size: int = 20
     lr: float = 0.01
     momentum: float = 0.0
+    weight_decay: float = 0.0
     server_lr: float = 1.0
     eval_every: int = 1
     attack_args: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +114,6 @@ class FLConfig:
     out: str | None = None
 
     def __post_init__(self) -> None:
-        from fl_core.client import LocalTraining
         from fl_core.models import MODELS
 
         MODELS.get(self.model)
@@ -118,7 +127,7 @@ class FLConfig:
             raise ValueError(f"unknown partition {self.partition!r}; valid: iid, dirichlet")
         if self.partition == "dirichlet" and not self.alpha > 0:
             raise ValueError(f"dirichlet alpha must be positive; got {self.alpha}")
-        LocalTraining(self.algorithm, self.batch_size, self.local_steps, self.lr, self.momentum)
+        self.local_training()
         self.defense_list()  # checks the defenses
         self.attack()  # checks the attack block's keys
 
@@ -126,7 +135,12 @@ class FLConfig:
         from fl_core.client import LocalTraining
 
         return LocalTraining(
-            self.algorithm, self.batch_size, self.local_steps, self.lr, self.momentum
+            self.algorithm,
+            self.batch_size,
+            self.local_steps,
+            self.lr,
+            self.momentum,
+            self.weight_decay,
         )
 
     def defense_list(self) -> list[Any]:
@@ -178,11 +192,14 @@ class FLConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def load_fl_config(path: str | Path, **overrides: Any) -> FLConfig:
-    """Read a YAML run description; unknown keys are rejected with the valid ones."""
+def load_fl_config(path: str | Path | None, **overrides: Any) -> FLConfig:
+    """Read a YAML run description (``None``: the defaults) and lay ``overrides`` over it.
+
+    Unknown keys are rejected with the valid ones.
+    """
     from leakage.experiment import read_config_file
 
-    data = read_config_file(path)
+    data = read_config_file(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     valid = [f.name for f in dataclasses.fields(FLConfig)]
     unknown = sorted(set(data) - set(valid))
@@ -284,10 +301,11 @@ def run_fl(cfg: FLConfig, *, progress: bool = False) -> list[dict[str, Any]]:
     stored = out / "config.json"
     if stored.exists():
         previous = json.loads(stored.read_text())
-        if previous != json.loads(json.dumps(settings)):
-            diff = sorted(
-                k for k in settings if previous.get(k) != json.loads(json.dumps(settings[k]))
-            )
+        defaults = {f.name: f.default for f in dataclasses.fields(FLConfig)}
+        now = json.loads(json.dumps(settings))
+        # a key added to FLConfig after the run started counts as its default there
+        diff = sorted(k for k in now if previous.get(k, defaults.get(k)) != now[k])
+        if diff:
             raise ValueError(
                 f"{out} holds a run with other settings ({', '.join(diff)}): "
                 "use the same config or another --out"
@@ -376,22 +394,84 @@ def write_outputs(records: list[dict[str, Any]], out: Path, cfg: FLConfig) -> No
 
 def add_fl_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``fl`` sub-command to ``subparsers``."""
+    from defenses.config import DEFENSES
+    from fl_core.adversaries import ADVERSARIES
+
     f = subparsers.add_parser(
         "fl",
-        help="run federated rounds with poisoning clients and defenses from a YAML file",
+        help="run federated rounds with poisoning clients and defenses (YAML and/or flags)",
         description="One federated run described by a YAML file (attack_args / defense_args "
-        "blocks); per-round accuracy to --out as rounds.jsonl, rounds.csv and accuracy.png. "
-        "Rerunning with the same --out resumes.",
+        "blocks) and/or flags; per-round accuracy to --out as rounds.jsonl, rounds.csv and "
+        "accuracy.png. Rerunning with the same --out resumes. Flags override the file: "
+        "leakage fl run.yaml --attack byzantine:mode=random,fraction=0.1 --defense krum:f=1",
     )
-    f.add_argument("config", metavar="CONFIG", help="YAML file (keys: see leakage.fl_cmd.FLConfig)")
+    f.add_argument(
+        "config",
+        metavar="CONFIG",
+        nargs="?",
+        default=None,
+        help="YAML file (keys: see leakage.fl_cmd.FLConfig); optional when flags say it all",
+    )
     f.add_argument("--out", default=None, help="output folder (default: new folder under results/)")
     f.add_argument("--rounds", type=int, default=None, help="override the config's rounds")
+    f.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="override one config key, repeatable (e.g. --set num_clients=20 --set lr=0.05)",
+    )
+    f.add_argument(
+        "--attack",
+        default=None,
+        metavar="TYPE[:K=V,...]",
+        help="replace attack_args: a type and its selection and parameters, e.g. "
+        "label_flip:fraction=0.25 or byzantine:mode=random,ids=[0,3]; 'none' disables; "
+        f"types: {', '.join(ADVERSARIES.names())}",
+    )
+    f.add_argument(
+        "--defense",
+        dest="defenses",
+        action="append",
+        default=None,
+        metavar="NAME[:K=V,...]",
+        help="replace defense_args with these defenses, repeatable, applied in order "
+        f"(e.g. --defense krum:f=1); 'none' disables; names: {', '.join(DEFENSES)}",
+    )
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     return f
 
 
+def config_from_args(args: argparse.Namespace) -> FLConfig:
+    """The run of ``leakage fl``: the YAML file (if any) with the flags laid over it."""
+    import yaml
+
+    from defenses.config import parse_name_params
+
+    overrides: dict[str, Any] = {"out": args.out, "rounds": args.rounds}
+    for item in args.overrides or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--set {item!r}: write KEY=VALUE (e.g. --set num_clients=20)")
+        overrides[key.strip()] = yaml.safe_load(value.strip())
+    if args.attack is not None:
+        if args.attack.strip().lower() == "none":
+            overrides["attack_args"] = {"enable": False}
+        else:
+            kind, params = parse_name_params(args.attack, "--attack")
+            overrides["attack_args"] = {"enable": True, "type": kind, **params}
+    if args.defenses is not None:
+        if [d.strip().lower() for d in args.defenses] == ["none"]:
+            overrides["defense_args"] = {"enable": False}
+        else:
+            items = [parse_name_params(d, "--defense") for d in args.defenses]
+            overrides["defense_args"] = {"defenses": [{n: p or None} for n, p in items]}
+    return load_fl_config(args.config, **overrides)
+
+
 def run_fl_command(args: argparse.Namespace) -> int:
-    cfg = load_fl_config(args.config, out=args.out, rounds=args.rounds)
+    cfg = config_from_args(args)
     records = run_fl(cfg, progress=not args.quiet)
     last = records[-1] if records else {}
     extra = f"  backdoor {last['backdoor_success']:.3f}" if "backdoor_success" in last else ""

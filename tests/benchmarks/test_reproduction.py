@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from leakage.store import load_records
 _SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reproduction.py"
 _spec = importlib.util.spec_from_file_location("reproduction", _SCRIPT)
 rep = importlib.util.module_from_spec(_spec)
+sys.modules["reproduction"] = rep  # dataclasses look their module up while the script loads
 _spec.loader.exec_module(rep)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -19,16 +21,63 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 def test_quick_pass_reports_every_claim_and_resumes(shared_datasets, tmp_path, capsys):
     argv = ["--quick", "--data-root", str(shared_datasets), "--out", str(tmp_path / "runs"),
-            "--report-file", str(tmp_path / "R.md")]  # fmt: skip
+            "--report-file", str(tmp_path / "R.md"),
+            "--figures", str(tmp_path / "figures")]  # fmt: skip
     assert rep.main(argv) == 0
     report = (tmp_path / "R.md").read_text()
     for claims in rep.CLAIMS.values():
         for run_name in claims:
             row = next(line for line in report.splitlines() if line.startswith(f"| {run_name} |"))
             assert "–" not in row, row  # every run finished and was reported
+    for name, verdicts in rep.VERDICTS.items():
+        section = report.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
+        for v in verdicts:  # every qualitative claim was decided (either way) on the runs
+            row = next(line for line in section.splitlines() if line.startswith(f"| {v.claim} |"))
+            assert "pending" not in row and "held**" in row, row
+    assert (tmp_path / "figures" / "robust_gd.png").exists()
     # a second pass finds every run done and adds no record
     before = load_records(tmp_path / "runs" / "fedavg" / "M10-iid" / "rounds.jsonl")
     assert rep.main(argv) == 0
     after = load_records(tmp_path / "runs" / "fedavg" / "M10-iid" / "rounds.jsonl")
     assert before == after and len(after) == 2
     capsys.readouterr()
+
+
+def _gd(mean, median, trimmed):
+    """Final accuracies of the gradient-descent study, per rule, at ratios 0, 0.1, 0.2, 0.4."""
+    acc = {f"mean-ratio{r:g}": a for r, a in zip(rep.RATIOS, mean)}
+    acc |= {f"median-ratio{r:g}": a for r, a in zip(rep.RATIOS, median)}
+    acc |= {f"trimmed_mean-ratio{r:g}": a for r, a in zip(rep.RATIOS[1:], trimmed)}
+    return acc
+
+
+def _decide(name, acc):
+    return [None if (r := v.check(acc)) is None else r[0] for v in rep.VERDICTS[name]]
+
+
+def test_gd_verdicts_follow_their_criteria():
+    # the source's picture: robust rules flat, the mean falls
+    assert _decide("robust_gd", _gd([.7, .68, .6, .3], [.7, .7, .69, .66], [.7, .69, .67])) == [
+        True, True, True]  # fmt: skip
+    # the median losing 6 pts, the trimmed mean 5.5, the mean only 9: none holds
+    assert _decide("robust_gd", _gd([.7, .68, .65, .61], [.7, .69, .66, .64], [.7, .68, .645])) == [
+        False, False, False]  # fmt: skip
+    acc = _gd([0.7, 0.68, 0.6, 0.3], [0.7, 0.7, 0.69, 0.66], [0.7, 0.69, 0.67])
+    acc["median-ratio0.4"] = None  # unfinished: that claim waits, the others are decided
+    assert _decide("robust_gd", acc) == [None, True, True]
+
+
+def test_label_flip_and_fedml_verdicts_follow_their_criteria():
+    acc = {"mean-flip0": .85, "mean-flip25": .80, "mean-flip50": .60, "krum-flip0": .84,
+           "krum-flip25": .84, "krum-flip50": .55}  # fmt: skip
+    assert _decide("label_flip_krum", acc) == [True, True, True, False]
+    acc["mean-flip25"] = 0.835  # 1.5 pts: within noise, not a loss
+    assert _decide("label_flip_krum", acc)[0] is False
+
+    fedml = {"fedavg-none": .5, "fedavg-byz-random": .1, "fedavg-byz-zero": .48,
+             "fedavg-byz-flip": .3, "fedavg-label-flip": .47}  # fmt: skip
+    fedml |= {f"{d}-none": 0.45 for d in rep.FEDML_DEFENSES}
+    fedml |= {"multi_krum-byz-random": 0.44}
+    assert _decide("fedmlsecurity", fedml) == [True, True, True]
+    fedml |= {"fedavg-byz-flip": 0.05, "median-none": 0.51, "multi_krum-byz-random": 0.40}
+    assert _decide("fedmlsecurity", fedml) == [False, False, False]

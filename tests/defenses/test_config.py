@@ -160,3 +160,17 @@ def test_bad_aggregation_entries(defenses, message):
 def test_krum_needs_enough_clients_at_the_round():
     with pytest.raises(ValueError, match=r"krum needs n >= 2f \+ 3 \(n=3, f=1\)"):
         _round([{"krum": {"f": 1}}])
+
+
+def test_option_values_keep_commas_inside_brackets():
+    from defenses.config import parse_name_params
+
+    assert parse_name_params("byzantine:mode=random,ids=[0, 3],rounds=[2,null]") == (
+        "byzantine",
+        {"mode": "random", "ids": [0, 3], "rounds": [2, None]},
+    )
+    assert parse_name_params("label_flip:mapping={3: 9, 2: 1},fraction=0.1") == (
+        "label_flip",
+        {"mapping": {3: 9, 2: 1}, "fraction": 0.1},
+    )
+    assert parse_name_params("median") == ("median", {})

@@ -209,20 +209,25 @@ def test_fedavg_one_step_delta_is_minus_lr_gradient(seed):
         torch.testing.assert_close(delta, -lr * g, rtol=1e-5, atol=atol)
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_fedavg_local_steps_follow_hand_written_sgd(momentum):
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.9, 0.05)])
+def test_fedavg_local_steps_follow_hand_written_sgd(momentum, weight_decay):
     lr, steps = 0.2, 3
     model = build_model("lenet", in_shape=SHAPE, generator=_gen(4))
     reference = copy.deepcopy(model)
     x, y = _data(6, seed=4)
-    training = LocalTraining("fedavg", lr=lr, momentum=momentum, local_steps=steps)
+    training = LocalTraining(
+        "fedavg", lr=lr, momentum=momentum, local_steps=steps, weight_decay=weight_decay
+    )
     update, _ = Client(0, x, y, training=training).compute_update(model, generator=_gen(0))
 
     start = _params(reference)
     first_grad = _grad(reference, x, y)
     buf: list[torch.Tensor] = []
     for k in range(steps):  # full batch: every step sees all 6 samples
-        g = _grad(reference, x, y)
+        g = [
+            gi + weight_decay * p.detach()
+            for gi, p in zip(_grad(reference, x, y), reference.parameters())
+        ]
         buf = list(g) if k == 0 else [momentum * b + gi for b, gi in zip(buf, g)]
         with torch.no_grad():
             for p, b in zip(reference.parameters(), buf):
@@ -270,6 +275,7 @@ def test_fedsgd_protocol():
         ({"local_steps": 0}, "positive integer"),
         ({"lr": 0.0}, "lr"),
         ({"momentum": -0.1}, "momentum"),
+        ({"weight_decay": -0.1}, "weight_decay"),
     ],
 )
 def test_local_training_checks_inputs(kwargs, fragment):

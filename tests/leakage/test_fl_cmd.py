@@ -93,3 +93,61 @@ def test_bad_configs_are_one_line_errors(extra, message, tmp_path, capsys):
     code = main(["fl", str(cfg), "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_flags_lay_attack_defense_and_keys_over_the_file(tmp_path, capsys):
+    cfg = _config(tmp_path, attack_args={"type": "byzantine", "mode": "zero", "ids": [0]})
+    out = tmp_path / "flags"
+    code = main(["fl", str(cfg), "--out", str(out), "--quiet", "--rounds", "1",
+                 "--set", "lr=0.02", "--attack", "byzantine:mode=random,ids=[0,2]",
+                 "--defense", "krum:f=0"])  # fmt: skip
+    assert code == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["lr"] == 0.02
+    assert stored["attack_args"] == {"enable": True, "type": "byzantine", "mode": "random",
+                                     "ids": [0, 2]}  # fmt: skip
+    assert stored["defense_args"] == {"defenses": [{"krum": {"f": 0}}]}
+
+    # 'none' switches the file's blocks off; no file at all works from the defaults
+    args = ["fl", "--set", "dataset=samples", "--set", "model=lenet", "--set", "num_clients=2",
+            "--set", "local_steps=1", "--rounds", "1", "--attack", "none", "--defense", "none",
+            "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "bare")]) == 0
+    stored = json.loads((tmp_path / "bare" / "config.json").read_text())
+    assert stored["attack_args"] == {"enable": False} and stored["defense_args"] == {
+        "enable": False
+    }
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--attack", "sybil:ids=[0]"], "unknown adversary"),
+        (["--attack", "byzantine:mode=zero"], "exactly one of fraction or ids"),
+        (["--attack", "byzantine:mode"], "--attack 'byzantine:mode': write name:key=value"),
+        (["--defense", "krum"], "defense krum needs f"),
+        (["--defense", ":f=1"], "the name is missing"),
+        (["--set", "lr"], "--set 'lr': write KEY=VALUE"),
+        (["--set", "learning_rate=1"], "unknown config key(s) learning_rate"),
+        (["--set", "weight_decay=-1"], "weight_decay non-negative"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
+    code = main(["fl", str(_config(tmp_path)), "--out", str(tmp_path / "o"), "--quiet", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_run_started_before_a_new_key_still_resumes(tmp_path, capsys):
+    """config.json written before ``weight_decay`` existed: the key counts as its default."""
+    cfg = _config(tmp_path)
+    out = tmp_path / "old"
+    run_fl(load_fl_config(cfg, out=str(out), rounds=1))
+    stored = json.loads((out / "config.json").read_text())
+    del stored["weight_decay"]
+    (out / "config.json").write_text(json.dumps(stored))
+    assert [r["round"] for r in run_fl(load_fl_config(cfg, out=str(out), rounds=2))] == [1, 2]
+    with pytest.raises(ValueError, match=r"other settings \(weight_decay\)"):
+        run_fl(load_fl_config(cfg, out=str(out), weight_decay=0.1))
+    capsys.readouterr()
