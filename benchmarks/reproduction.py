@@ -38,7 +38,9 @@ final accuracies, and reported as held, not held, or pending.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import inspect
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -99,12 +101,7 @@ GD_ROUNDS = 500
 GD_PER_CLIENT = 150
 
 
-def robust_gd_runs() -> dict[str, dict[str, Any]]:
-    """Gradient-descent robust aggregation: the one-round study's M = 20 IID clients (Byzantine
-    ones train on y -> 9 - y), scaled for CPU to 150 Fashion-MNIST images each (3,000 in all);
-    500 rounds in which every client sends one full-batch gradient, aggregated by the mean, the
-    coordinate-wise median or the trimmed mean (beta = the Byzantine ratio), server lr 1.
-    The source used all 60,000 images (3.5 CPU-hours per run here)."""
+def _gd_runs(per_client: int | None) -> dict[str, dict[str, Any]]:
     runs = {}
     for ratio in RATIOS:
         rules = {"mean": {"mean": None}, "median": {"median": None}}
@@ -114,10 +111,26 @@ def robust_gd_runs() -> dict[str, dict[str, Any]]:
             runs[f"{rule}-ratio{ratio:g}"] = {
                 **DATA, "algorithm": "fedsgd", "batch_size": None, "server_lr": 1.0,
                 "num_clients": 20, "partition": "iid", "rounds": GD_ROUNDS,
-                "train_limit": 20 * GD_PER_CLIENT, "eval_every": 25,
+                "train_limit": None if per_client is None else 20 * per_client, "eval_every": 25,
                 "attack_args": _label_flip(ratio), "defense_args": {"defenses": [defense]},
             }  # fmt: skip
     return runs
+
+
+def robust_gd_runs() -> dict[str, dict[str, Any]]:
+    """Gradient-descent robust aggregation: the one-round study's M = 20 IID clients (Byzantine
+    ones train on y -> 9 - y), scaled for CPU to 150 Fashion-MNIST images each (3,000 in all);
+    500 rounds in which every client sends one full-batch gradient, aggregated by the mean, the
+    coordinate-wise median or the trimmed mean (beta = the Byzantine ratio), server lr 1.
+    The source used all 60,000 images (3.5 CPU-hours per run here; see robust_gd_full)."""
+    return _gd_runs(GD_PER_CLIENT)
+
+
+def robust_gd_full_runs() -> dict[str, dict[str, Any]]:
+    """The gradient-descent study at the source's scale: all 60,000 Fashion-MNIST images over
+    the 20 clients (3,000 each), 500 full-batch rounds, lr 1. About 3.5 hours per run on one
+    CPU core, so run it where a GPU is: `--experiments robust_gd_full --device cuda`."""
+    return _gd_runs(None)
 
 
 def label_flip_krum_runs() -> dict[str, dict[str, Any]]:
@@ -188,6 +201,7 @@ EXPERIMENTS = {
     "fedavg": fedavg_runs,
     "robust_one_round": robust_one_round_runs,
     "robust_gd": robust_gd_runs,
+    "robust_gd_full": robust_gd_full_runs,
     "label_flip_krum": label_flip_krum_runs,
     "fedmlsecurity": fedmlsecurity_runs,
 }
@@ -341,6 +355,7 @@ VERDICTS: dict[str, list[Verdict]] = {  # REFERENCES.md, "Seed experiment settin
                 "m-Krum under attack within 2 pts of m-Krum without attack", _mkrum_neutralizes),
     ],
 }  # fmt: skip
+VERDICTS["robust_gd_full"] = VERDICTS["robust_gd"]
 
 
 def _quick(run: dict[str, Any]) -> dict[str, Any]:
@@ -350,9 +365,13 @@ def _quick(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_experiment(name: str, args: argparse.Namespace) -> None:
+    patterns = getattr(args, "runs", None)
     for run_name, values in EXPERIMENTS[name]().items():
+        if patterns and not any(fnmatch.fnmatchcase(run_name, pat) for pat in patterns):
+            continue
         values = _quick(values) if args.quick else values
         cfg = FLConfig(**values, data_root=args.data_root, seed=args.seed,
+                       device=getattr(args, "device", "cpu"),
                        out=str(args.out / name / run_name))  # fmt: skip
         start = time.perf_counter()
         try:
@@ -362,7 +381,7 @@ def run_experiment(name: str, args: argparse.Namespace) -> None:
             continue
         print(f"{name}/{run_name}: accuracy {records[-1]['accuracy']:.4f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
-    if name == "fedavg":
+    if name == "fedavg" and not patterns:
         centralized(args)
 
 
@@ -395,6 +414,18 @@ def _final(out: Path, name: str, run_name: str) -> float | None:
     else:
         recs = load_records(out / name / run_name / "rounds.jsonl")
     return recs[-1]["accuracy"] if recs else None
+
+
+def _devices(out: Path, name: str) -> list[str]:
+    """The devices the experiment's runs ran on, from their ``config.json`` (CPU if unnamed)."""
+    found = set()
+    for run in EXPERIMENTS[name]():
+        path = out / name / run / "config.json"
+        if path.exists():
+            found.add(json.loads(path.read_text()).get("device", "cpu"))
+    if name == "fedavg" and (out / name / "centralized.jsonl").exists():
+        found.add("cpu")
+    return sorted(found)
 
 
 def _accuracies(out: Path, name: str) -> Accuracies:
@@ -452,7 +483,8 @@ def write_report(args: argparse.Namespace, path: Path) -> str:
     lines = [
         "# Reproductions: FedAvg convergence and Byzantine-robust aggregation",
         "",
-        "Generated by `python benchmarks/reproduction.py` (this machine, CPU). Each numeric "
+        "Generated by `python benchmarks/reproduction.py` on this machine (2 CPU cores, one "
+        "thread per run) unless a section names another device. Each numeric "
         'claim puts the source\'s number (REFERENCES.md, "Seed experiment settings") next to '
         "the lab's final test accuracy; each qualitative claim states the criterion that decides "
         "it on the lab's numbers. `–` means the run has not finished yet. Runs live under "
@@ -480,7 +512,12 @@ def write_report(args: argparse.Namespace, path: Path) -> str:
                                                                              result[1])  # fmt: skip
                 lines.append(f"| {v.claim} | {v.criterion} | {verdict} | {evidence} |")
             lines.append("")
-        if name == "robust_gd" and _plot_curves(args.out, name, args.figures / f"{name}.png"):
+        devices = _devices(args.out, name)
+        if devices:
+            lines += [f"Ran on: {', '.join(devices)}.", ""]
+        if name.startswith("robust_gd") and _plot_curves(
+            args.out, name, args.figures / f"{name}.png"
+        ):
             rel = Path("results") / "reproduction" / f"{name}.png"
             lines += [f"![{name} accuracy by round]({rel.as_posix()})", ""]
     if args.quick:
@@ -501,6 +538,14 @@ def main(argv=None) -> int:
     p.add_argument("--figures", type=Path, default=Path("benchmarks/results/reproduction"),
                    help="where the report's figures go")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="only the runs whose names match (e.g. 'median-*'); the report shows all",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the runs' device)")
     p.add_argument("--quick", action="store_true", help="smoke run: few rounds and steps")
     p.add_argument("--report", action="store_true", help="only rebuild the report")
     args = p.parse_args(argv)

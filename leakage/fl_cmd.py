@@ -86,6 +86,8 @@ class FLConfig:
             :mod:`defenses.config`), or ``type`` plus that defense's
             parameters (``{type: krum, f: 1}``).
         seed: root of every random draw (weights, partition, sampling, batches).
+        device: where the model and the clients' data live (``cpu``, ``cuda``,
+            ``cuda:1``); the draws stay on the CPU generators either way.
         out: output folder (``None``: a new folder under ``results/``).
     """
 
@@ -111,6 +113,7 @@ class FLConfig:
     attack_args: dict[str, Any] = field(default_factory=dict)
     defense_args: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    device: str = "cpu"
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -128,6 +131,12 @@ class FLConfig:
         if self.partition == "dirichlet" and not self.alpha > 0:
             raise ValueError(f"dirichlet alpha must be positive; got {self.alpha}")
         self.local_training()
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device {self.device!r}: use cpu, cuda or cuda:N ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: no CUDA device here; use cpu")
         self.defense_list()  # checks the defenses
         self.attack()  # checks the attack block's keys
 
@@ -240,9 +249,8 @@ def build_run(cfg: FLConfig):
     else:
         parts = partition_dirichlet(train.labels, cfg.num_clients, alpha=cfg.alpha, seed=cfg.seed)
     training = cfg.local_training()
-    clients = [
-        Client(i, train.images[p], train.labels[p], training=training) for i, p in enumerate(parts)
-    ]
+    images, labels = train.images.to(cfg.device), train.labels.to(cfg.device)
+    clients = [Client(i, images[p], labels[p], training=training) for i, p in enumerate(parts)]
     attack = cfg.attack()
     if attack is not None:
         kind, select, params = attack
@@ -255,7 +263,7 @@ def build_run(cfg: FLConfig):
         in_shape=train.shape,
         activation=cfg.activation,
         generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    ).to(cfg.device)
     server = Server(
         model,
         clients,
@@ -316,7 +324,7 @@ def run_fl(cfg: FLConfig, *, progress: bool = False) -> list[dict[str, Any]]:
     records = load_records(out / "rounds.jsonl")
     state_path = out / "state.pt"
     if state_path.exists():  # our own file: it holds the aggregator objects, so not weights_only
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=cfg.device)
         server.model.load_state_dict(state["model"])
         server.round = state["round"]
         server.aggregator = state["aggregator"]

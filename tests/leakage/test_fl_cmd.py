@@ -86,6 +86,12 @@ def test_the_attack_moves_the_model_and_krum_undoes_it(tmp_path):
         ({"partition": "shards"}, "valid: iid, dirichlet"),
         ({"clients_per_round": 9}, "clients_per_round must be in [1, 4]"),
         ({"attack_args": "byzantine"}, "attack_args must be a mapping"),
+        ({"device": "gpu0"}, "device 'gpu0': use cpu, cuda or cuda:N"),
+        pytest.param(
+            {"device": "cuda"},
+            "no CUDA device here; use cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
     ],
 )
 def test_bad_configs_are_one_line_errors(extra, message, tmp_path, capsys):
