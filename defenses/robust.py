@@ -415,6 +415,19 @@ class RobustAggregator:
         args = "".join(f", {k}={v!r}" for k, v in self.params.items())
         return f"RobustAggregator({self.rule!r}{args})"
 
+    def check_clients(self, n: int) -> None:
+        """Raise ``ValueError`` now if the rule cannot aggregate ``n`` updates (Krum's
+        n >= 2f + 3, Bulyan's n >= 4f + 3, multi-Krum's m <= n ...), so a run with too
+        few clients per round stops before its first round; no state changes."""
+        x = torch.zeros(n, 1)
+        try:
+            if self.rule == "foolsgold":
+                FoolsGold(**self.params)(x, client_ids=list(range(n)))
+            else:
+                AGGREGATORS[self.rule](x, **self.params)
+        except ValueError as e:
+            raise ValueError(f"{e}: {n} clients per round cannot run {self!r}") from None
+
     def __call__(self, updates: Sequence[Update]) -> tuple[Tensor, ...]:
         """Aggregate one round's updates; returns tensors in parameter order."""
         if not updates:

@@ -137,8 +137,12 @@ class FLConfig:
             raise ValueError(f"device {self.device!r}: use cpu, cuda or cuda:N ({e})") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: no CUDA device here; use cpu")
-        self.defense_list()  # checks the defenses
         self.attack()  # checks the attack block's keys
+        from defenses.config import build_plan
+
+        aggregator = build_plan(self.defense_list()).aggregator  # checks the defenses
+        if hasattr(aggregator, "check_clients"):  # and the rule against the round's size
+            aggregator.check_clients(self.clients_per_round or self.num_clients)
 
     def local_training(self):
         from fl_core.client import LocalTraining
@@ -367,17 +371,15 @@ def run_fl(cfg: FLConfig, *, progress: bool = False) -> list[dict[str, Any]]:
 
 def write_outputs(records: list[dict[str, Any]], out: Path, cfg: FLConfig) -> None:
     """``rounds.csv`` and ``accuracy.png`` from the records."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it is
 
     cols = sorted({k for r in records for k in r}, key=lambda k: (k != "round", k))
     with (out / "rounds.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(records)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     rounds = [r["round"] for r in records]
     ax.plot(rounds, [r["accuracy"] for r in records], "o-", label="test accuracy")
     if any("backdoor_success" in r for r in records):
@@ -397,7 +399,6 @@ def write_outputs(records: list[dict[str, Any]], out: Path, cfg: FLConfig) -> No
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
-    plt.close(fig)
 
 
 def add_fl_parser(subparsers: Any) -> argparse.ArgumentParser:

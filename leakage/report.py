@@ -1,21 +1,23 @@
-"""Figures of one experiment: reconstructions next to originals, loss curves."""
+"""Figures of one experiment: reconstructions next to originals, loss curves.
+
+Figures are built with :class:`matplotlib.figure.Figure` directly, not pyplot,
+so writing them neither needs a display nor switches the caller's backend
+(inline plots in a notebook keep working after an attack has saved its PNGs).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-__all__ = ["plot_history", "plot_reconstruction"]
+__all__ = ["plot_history", "plot_reconstruction", "show_image"]
 
 
-def _show(ax, image: torch.Tensor) -> None:
-    """Draw one (C, H, W) image in [0, 1]."""
+def show_image(ax, image: torch.Tensor) -> None:
+    """Draw one (C, H, W) image in [0, 1] on a matplotlib axis, without ticks."""
     img = image.detach().clamp(0, 1).cpu()
     if img.shape[0] == 1:
         ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
@@ -45,11 +47,12 @@ def plot_reconstruction(
         true_labels, recovered_labels: per-image labels.
     """
     b = len(originals)
-    fig, axes = plt.subplots(2, b, figsize=(1.9 * b + 0.6, 4.4), squeeze=False)
+    fig = Figure(figsize=(1.9 * b + 0.6, 4.4))
+    axes = fig.subplots(2, b, squeeze=False)
     for i in range(b):
-        _show(axes[0, i], originals[i])
+        show_image(axes[0, i], originals[i])
         axes[0, i].set_title(f"label {true_labels[i]}", fontsize=9)
-        _show(axes[1, i], reconstructions[i])
+        show_image(axes[1, i], reconstructions[i])
         axes[1, i].set_title(f"label {recovered_labels[i]}", fontsize=9)
         axes[1, i].set_xlabel(f"{psnr[i]:.1f} dB\nSSIM {ssim[i]:.3f}", fontsize=9)
     axes[0, 0].set_ylabel("original")
@@ -61,7 +64,8 @@ def plot_reconstruction(
 
 def plot_history(history: Sequence[float], path: str | Path, *, title: str = "") -> Path:
     """Gradient-matching loss per optimiser step, log scale."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     values = [max(v, 1e-300) for v in history]
     ax.semilogy(range(len(values)), values)
     ax.set_xlabel("optimiser step")
@@ -76,5 +80,4 @@ def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

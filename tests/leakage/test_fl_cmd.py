@@ -87,6 +87,8 @@ def test_the_attack_moves_the_model_and_krum_undoes_it(tmp_path):
         ({"clients_per_round": 9}, "clients_per_round must be in [1, 4]"),
         ({"attack_args": "byzantine"}, "attack_args must be a mapping"),
         ({"device": "gpu0"}, "device 'gpu0': use cpu, cuda or cuda:N"),
+        ({"defense_args": {"type": "krum", "f": 1}}, "krum needs n >= 2f + 3 (n=4, f=1)"),
+        ({"defense_args": {"type": "bulyan", "f": 1}}, "bulyan needs n >= 4f + 3 (n=4, f=1)"),
         pytest.param(
             {"device": "cuda"},
             "no CUDA device here; use cpu",
@@ -133,6 +135,7 @@ def test_flags_lay_attack_defense_and_keys_over_the_file(tmp_path, capsys):
         (["--attack", "byzantine:mode=zero"], "exactly one of fraction or ids"),
         (["--attack", "byzantine:mode"], "--attack 'byzantine:mode': write name:key=value"),
         (["--defense", "krum"], "defense krum needs f"),
+        (["--defense", "multi_krum:f=0,m=5"], "multi_krum needs m <= n (n=4, m=5)"),
         (["--defense", ":f=1"], "the name is missing"),
         (["--set", "lr"], "--set 'lr': write KEY=VALUE"),
         (["--set", "learning_rate=1"], "unknown config key(s) learning_rate"),
