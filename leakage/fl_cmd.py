@@ -324,8 +324,11 @@ def run_fl(cfg: FLConfig, *, progress: bool = False) -> list[dict[str, Any]]:
             )
     else:
         stored.write_text(json.dumps(settings, indent=2) + "\n")
-    server, test, attack = build_run(cfg)
     records = load_records(out / "rounds.jsonl")
+    finished = (out / "rounds.csv").exists() and (out / "state.pt").exists()
+    if finished and records and records[-1]["round"] == cfg.rounds:
+        return records  # done before: nothing to build, load or rerun
+    server, test, attack = build_run(cfg)
     state_path = out / "state.pt"
     if state_path.exists():  # our own file: it holds the aggregator objects, so not weights_only
         state = torch.load(state_path, weights_only=False, map_location=cfg.device)
