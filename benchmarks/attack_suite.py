@@ -18,12 +18,16 @@ in about an hour on one CPU core; they are far below the papers' (IG: 4,800-
 24,000 iterations) and the table says so. Each finished cell is appended to
 ``<out>/cells.jsonl`` at once; an interrupted run resumes without redoing
 finished cells, and the tables and the figure are rebuilt from that file.
+``--workers N`` runs N cells at once (Ray, or a process pool; ``--ray-address``
+for a cluster; see :mod:`leakage.sweep`), each on ``--threads`` torch threads,
+with the same records as one worker.
 
 ``--restart-cost`` measures instead what R restarts batched cost against one
 (wall time of a fixed number of iterations), for IG and DLG.
 
     python benchmarks/attack_suite.py                     # the full grid, CIFAR-10
     python benchmarks/attack_suite.py --datasets samples --batch-sizes 1 --threats fedsgd
+    python benchmarks/attack_suite.py --workers 2                         # two cells at once
     python benchmarks/attack_suite.py --restart-cost
 """
 
@@ -31,9 +35,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -43,7 +47,8 @@ from fl_core import build_model, load_dataset, load_samples
 from leakage import ATTACKS, score_images
 from leakage.experiment import AttackConfig, observe
 from leakage.metrics import label_count_accuracy, label_set_accuracy
-from leakage.store import append_record, load_records
+from leakage.store import load_records
+from leakage.sweep import ScriptFunction, add_parallel_args, parallel_options, run_cells
 
 VICTIMS = {  # name -> (model, activation)
     "lenet-sigmoid": ("lenet", "sigmoid"),
@@ -159,6 +164,11 @@ def run_cell(dataset_name, attack, victim, batch, threat, seed, root, figs: Path
         "images": chosen.names,
         "threads": torch.get_num_threads(),
     }
+
+
+def grid_cell(cell: tuple, root: str, figs: Path) -> dict:
+    """The record of one cell, given as its ``key`` (run by :func:`leakage.sweep.run_cells`)."""
+    return run_cell(*cell, root, figs)
 
 
 def write_tables(cells: list[dict], out: Path) -> str:
@@ -292,6 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/attack_suite"))
     p.add_argument("--restart-cost", action="store_true", help="measure batched restarts instead")
     p.add_argument("--restart-counts", nargs="+", type=int, default=[1, 2, 4, 8])
+    add_parallel_args(p)
     args = p.parse_args(argv)
     for v in args.victims:
         if v not in VICTIMS:
@@ -306,8 +317,6 @@ def main(argv=None) -> int:
     figs = args.out / "cells"
     figs.mkdir(exist_ok=True)
     path = args.out / "cells.jsonl"
-    cells = load_records(path)
-    done = {key(c) for c in cells}
     todo = [
         (d, a, v, b, t, s)
         for d in args.datasets
@@ -318,21 +327,22 @@ def main(argv=None) -> int:
         for s in args.seeds
         if (a == "analytic") == (v in ANALYTIC_VICTIMS)
     ]
-    for n, cell_key in enumerate(todo):
-        if cell_key in done:
-            continue
-        try:
-            cell = run_cell(*cell_key, args.data_root, figs)
-        except ValueError as e:  # a cell the attack cannot handle: say so, keep going
-            print(f"skip {cell_key}: {str(e).splitlines()[0]}", file=sys.stderr)
-            continue
-        append_record(path, cell)
-        cells.append(cell)
+    position = {cell_key: n for n, cell_key in enumerate(todo)}
+
+    def show(cell_key: tuple, cell: dict) -> None:
         print(
-            f"[{n + 1}/{len(todo)}] {' '.join(map(str, cell_key))}: {cell['psnr']:.1f} dB, "
-            f"labels {cell['label_count_accuracy']:.2f}, {cell['seconds']:.1f} s",
+            f"[{position[cell_key] + 1}/{len(todo)}] {' '.join(map(str, cell_key))}: "
+            f"{cell['psnr']:.1f} dB, labels {cell['label_count_accuracy']:.2f}, "
+            f"{cell['seconds']:.1f} s",
             flush=True,
         )
+
+    fn = functools.partial(ScriptFunction(__file__, "grid_cell"), root=args.data_root, figs=figs)
+    try:  # a cell the attack cannot handle (ValueError) is skipped with a line on stderr
+        run_cells(todo, fn, store=path, key=key, on_record=show, **parallel_options(args))
+    except ValueError as e:  # the parallel options: say what to fix
+        p.error(str(e))
+    cells = load_records(path)
     print(write_tables(cells, args.out))
     write_figure(cells, args.out)
     return 0

@@ -20,21 +20,24 @@ appended to ``<out>/records.jsonl`` at once; an interrupted sweep resumes
 without redoing finished ones, and ``--report`` rebuilds the Markdown report
 (``report.md``, with the DLG paper's defense findings next to the lab's),
 ``table.csv``, one plot per defense and the combined frontier from that file.
-Disjoint ``--families`` may run in separate processes on the same ``--out``.
+Disjoint ``--families`` may run in separate processes on the same ``--out``, and
+``--workers N`` runs N measurements at once (Ray, or a process pool;
+``--ray-address`` for a cluster; see :mod:`leakage.sweep`) with the same records.
 
     python benchmarks/privacy_utility.py                       # Fashion-MNIST, full grid
     python benchmarks/privacy_utility.py --families gaussian prune --images 2
     python benchmarks/privacy_utility.py --report              # tables and plots only
+    python benchmarks/privacy_utility.py --workers 2           # two measurements at once
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -49,7 +52,8 @@ from fl_core.train import evaluate_accuracy
 from leakage import ATTACKS, score_images
 from leakage.experiment import AttackConfig, dp_ready, observe_round
 from leakage.metrics import label_accuracy
-from leakage.store import append_record, load_records
+from leakage.store import load_records
+from leakage.sweep import ScriptFunction, add_parallel_args, parallel_options, run_cells
 
 VARIANCES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
 GRID: dict[str, list[tuple[str, list[dict]]]] = {
@@ -180,33 +184,52 @@ def check_settings(args: argparse.Namespace) -> None:
         path.write_text(json.dumps(mine, indent=2) + "\n")
 
 
+_SWEEPS: dict[tuple, Sweep] = {}  # per process: the data and victim of the current setting
+
+
+def measure(cell: tuple, args: argparse.Namespace) -> dict:
+    """The record of one measurement, given as its ``record_key`` (run by
+    :func:`leakage.sweep.run_cells`, in this process or in a worker)."""
+    dataset, family, strength, part, attack, image = cell
+    settings = (args.data_root, *(getattr(args, k) for k in SETTINGS))
+    if settings not in _SWEEPS:
+        _SWEEPS.clear()  # one setting at a time: the datasets are large
+        _SWEEPS[settings] = Sweep(args)
+    sweep = _SWEEPS[settings]
+    defenses = dict(GRID[family])[strength]
+    if part == "utility":
+        result = sweep.utility(defenses)
+    else:
+        result = sweep.attack(defenses, attack, image)
+    base = {"dataset": dataset, "family": family, "strength": strength, "defenses": defenses}
+    return {**base, "part": part, "attack": attack, "image": image, **result}
+
+
 def run(args: argparse.Namespace) -> None:
-    path = args.out / "records.jsonl"
-    done = {record_key(r) for r in load_records(path)}
-    sweep = Sweep(args)
-    for family in args.families:
-        for strength, defenses in GRID[family]:
-            base = {"dataset": args.dataset, "family": family, "strength": strength}
-            base["defenses"] = defenses
-            jobs = [("utility", None, None)] + [
-                ("attack", attack, image) for attack in args.attacks for image in range(args.images)
-            ]
-            for part, attack, image in jobs:
-                key = (args.dataset, family, strength, part, attack, image)
-                if key in done:
-                    continue
-                try:
-                    if part == "utility":
-                        result = sweep.utility(defenses)
-                    else:
-                        result = sweep.attack(defenses, attack, image)
-                except ValueError as e:  # a point this setting cannot run: say so, keep going
-                    print(f"skip {key}: {str(e).splitlines()[0]}", file=sys.stderr)
-                    continue
-                record = {**base, "part": part, "attack": attack, "image": image, **result}
-                append_record(path, record)
-                shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
-                print(f"{family:9s} {strength:10s} {part:8s} {attack or '':5s} {shown}", flush=True)
+    jobs = [("utility", None, None)] + [
+        ("attack", attack, image) for attack in args.attacks for image in range(args.images)
+    ]
+    cells = [
+        (args.dataset, family, strength, *job)
+        for family in args.families
+        for strength, _ in GRID[family]
+        for job in jobs
+    ]
+
+    def show(cell: tuple, record: dict) -> None:
+        _, family, strength, part, attack, _ = cell
+        shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
+        print(f"{family:9s} {strength:10s} {part:8s} {attack or '':5s} {shown}", flush=True)
+
+    settings = argparse.Namespace(**{k: getattr(args, k) for k in ("data_root", *SETTINGS)})
+    run_cells(  # a point its setting cannot run (ValueError) is skipped with a line on stderr
+        cells,
+        functools.partial(ScriptFunction(__file__, "measure"), args=settings),
+        store=args.out / "records.jsonl",
+        key=record_key,
+        on_record=show,
+        **parallel_options(args),
+    )
 
 
 # ----------------------------------------------------------------------------- report
@@ -562,6 +585,7 @@ def main(argv=None) -> int:
         help="default benchmarks/results/privacy_utility/<dataset>",
     )
     p.add_argument("--report", action="store_true", help="only rebuild the report")
+    add_parallel_args(p)
     args = p.parse_args(argv)
     for f in args.families:
         if f not in GRID:
@@ -581,7 +605,10 @@ def main(argv=None) -> int:
         vars(args).update(json.loads((args.out / "settings.json").read_text()))
     check_settings(args)
     if not args.report:
-        run(args)
+        try:
+            run(args)
+        except ValueError as e:  # the parallel options: say what to fix
+            p.error(str(e))
     print(write_report(args))
     return 0
 

@@ -2,13 +2,16 @@
 
 Each experiment is a set of ``leakage fl`` runs (see :mod:`leakage.fl_cmd`),
 each in its own folder under ``--out`` and resumable there, plus, for the
-FedAvg study, a centralised baseline. ``benchmarks/REPRODUCTION.md`` puts every
+FedAvg study, a centralised baseline; ``--workers N`` runs N of them at once
+(Ray, or a process pool; ``--ray-address`` for a cluster; see
+:mod:`leakage.sweep`). ``benchmarks/REPRODUCTION.md`` puts every
 source claim (REFERENCES.md, "Seed experiment settings") next to the lab's
 number, whichever way it falls, and is rebuilt from whatever has finished.
 
     python benchmarks/reproduction.py --experiments fedavg robust_one_round
     python benchmarks/reproduction.py --report          # the report only
     python benchmarks/reproduction.py --quick           # a few rounds of each: smoke test
+    python benchmarks/reproduction.py --workers 2       # two runs at once
 
 Experiments (``EXPERIMENTS``):
 
@@ -39,9 +42,9 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import inspect
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +55,7 @@ import torch
 
 from leakage.fl_cmd import FLConfig, run_fl
 from leakage.store import append_record, load_records
+from leakage.sweep import ScriptFunction, add_parallel_args, parallel_options, run_cells
 
 DATA = {"dataset": "fashion-mnist", "model": "cnn", "activation": "sigmoid"}
 FEDAVG_LOCAL = {"algorithm": "fedavg", "local_steps": 500, "batch_size": 20, "lr": 0.01,
@@ -374,35 +378,68 @@ def _quick(run: dict[str, Any]) -> dict[str, Any]:
             "test_limit": 500}  # fmt: skip
 
 
-def run_experiment(name: str, args: argparse.Namespace) -> None:
-    patterns = getattr(args, "runs", None)
-    for run_name, values in EXPERIMENTS[name]().items():
-        if patterns and not any(fnmatch.fnmatchcase(run_name, pat) for pat in patterns):
-            continue
+def run_one(cell: tuple[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """One run (or the FedAvg study's centralised baseline), resumed in its own folder: its
+    final accuracy (``None``: the baseline had finished before). Run by
+    :func:`leakage.sweep.run_cells`, in this process or in a worker."""
+    name, run_name = cell
+    start = time.perf_counter()
+    if run_name == "centralized":
+        accuracy = centralized(args)
+    else:
+        values = EXPERIMENTS[name]()[run_name]
         values = _quick(values) if args.quick else values
-        cfg = FLConfig(**values, data_root=args.data_root, seed=args.seed,
-                       device=getattr(args, "device", "cpu"),
+        cfg = FLConfig(**values, data_root=args.data_root, seed=args.seed, device=args.device,
                        out=str(args.out / name / run_name))  # fmt: skip
-        start = time.perf_counter()
-        try:
-            records = run_fl(cfg)
-        except ValueError as e:  # a bad run: say so, keep the others
-            print(f"skip {name}/{run_name}: {str(e).splitlines()[0]}", file=sys.stderr)
-            continue
-        print(f"{name}/{run_name}: accuracy {records[-1]['accuracy']:.4f} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
-    if name == "fedavg" and not patterns:
-        centralized(args)
+        accuracy = run_fl(cfg)[-1]["accuracy"]
+    return {"run": f"{name}/{run_name}", "accuracy": accuracy,
+            "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def centralized(args: argparse.Namespace) -> None:
-    """Plain SGD on all the training data with one FL client's total step count."""
+def run_experiments(names: Sequence[str], args: argparse.Namespace) -> None:
+    """The experiments' runs (those matching ``args.runs``, if given), each resumed in its
+    folder, ``args.workers`` at once; a run that fails its checks (ValueError) is skipped."""
+    patterns = getattr(args, "runs", None)
+    cells = []
+    for name in names:
+        for run_name in EXPERIMENTS[name]():
+            if not patterns or any(fnmatch.fnmatchcase(run_name, pat) for pat in patterns):
+                cells.append((name, run_name))
+        if name == "fedavg" and not patterns:
+            cells.append((name, "centralized"))
+
+    def show(cell: tuple[str, str], record: dict[str, Any]) -> None:
+        if cell[1] == "centralized":
+            if record["accuracy"] is not None:
+                print(f"{record['run']}: accuracy {record['accuracy']:.4f}", flush=True)
+            return
+        print(f"{record['run']}: accuracy {record['accuracy']:.4f} "
+              f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
+
+    device = getattr(args, "device", "cpu")
+    options = parallel_options(args)
+    settings = argparse.Namespace(quick=args.quick, data_root=args.data_root, out=args.out,
+                                  seed=args.seed, device=device)  # fmt: skip
+    run_cells(cells, functools.partial(ScriptFunction(__file__, "run_one"), args=settings),
+              store=None, label="/".join, on_record=show,
+              gpus=1 / options["workers"] if device.startswith("cuda") else 0.0,
+              **options)  # fmt: skip
+
+
+def run_experiment(name: str, args: argparse.Namespace) -> None:
+    """One experiment's runs (see :func:`run_experiments`)."""
+    run_experiments([name], args)
+
+
+def centralized(args: argparse.Namespace) -> float | None:
+    """Plain SGD on all the training data with one FL client's total step count: its test
+    accuracy, or ``None`` if it had finished before."""
     from fl_core import build_model, load_dataset
     from fl_core.train import evaluate_accuracy, train_centralized
 
     path = args.out / "fedavg" / "centralized.jsonl"
     if load_records(path):
-        return
+        return None
     steps = 20 * (5 if args.quick else 500)
     limit = 2000 if args.quick else None
     train = load_dataset("fashion-mnist", root=args.data_root, train=True, limit=limit)
@@ -415,7 +452,7 @@ def centralized(args: argparse.Namespace) -> None:
                       momentum=0.9, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     acc = evaluate_accuracy(model, test.images, test.labels)
     append_record(path, {"accuracy": acc, "steps": steps, "seconds": time.perf_counter() - start})
-    print(f"fedavg/centralized: accuracy {acc:.4f}", flush=True)
+    return acc
 
 
 def _final(out: Path, name: str, run_name: str) -> float | None:
@@ -571,13 +608,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the runs' device)")
     p.add_argument("--quick", action="store_true", help="smoke run: few rounds and steps")
     p.add_argument("--report", action="store_true", help="only rebuild the report")
+    add_parallel_args(p)
     args = p.parse_args(argv)
     for e in args.experiments:
         if e not in EXPERIMENTS:
             p.error(f"unknown experiment {e!r}; valid: {', '.join(EXPERIMENTS)}")
     if not args.report:
-        for e in args.experiments:
-            run_experiment(e, args)
+        try:
+            run_experiments(args.experiments, args)
+        except ValueError as e:  # the parallel options: say what to fix
+            p.error(str(e))
     print(write_report(args, args.report_file))
     return 0
 

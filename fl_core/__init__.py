@@ -19,13 +19,14 @@ from .data import (
 from .models import ACTIVATIONS, MODELS, ModelSpec, build_model, count_parameters
 from .partition import label_skew, partition_dirichlet, partition_iid
 from .registry import Registry
-from .server import Server, fedavg, round_generator
+from .server import ClientResult, Server, fedavg, round_generator
 from .train import evaluate_accuracy, train_centralized, train_victim
 from .types import GroundTruth, Observation, Protocol, RoundRecord, Update
 
 __all__ = [
     "ACTIVATIONS",
     "Client",
+    "ClientResult",
     "DATASETS",
     "GroundTruth",
     "ImageData",

@@ -442,6 +442,14 @@ class LazyWorker(_Wrapper):
         self.last = (update, truth)
         return update, truth
 
+    def client_state(self) -> tuple[Update, GroundTruth] | None:
+        """What it carries between rounds (its remembered update), for engines that move it."""
+        return self.last
+
+    def load_client_state(self, state: tuple[Update, GroundTruth] | None) -> None:
+        """Restore :meth:`client_state` (an engine running the client in another process)."""
+        self.last = state
+
 
 # --------------------------------------------------------------------------- registry
 

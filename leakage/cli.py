@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .fl_cmd import run_fl_command
 
             return run_fl_command(args)
-    except (ValueError, OSError, yaml.YAMLError, json.JSONDecodeError) as e:
+    except (ValueError, OSError, ImportError, yaml.YAMLError, json.JSONDecodeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"leakage: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -57,6 +57,9 @@ import torch
 __all__ = ["FLConfig", "add_fl_parser", "config_from_args", "load_fl_config", "run_fl"]
 
 ATTACK_KEYS = {"enable", "type", "fraction", "ids", "rounds", "seed"}
+ENGINES = ("local", "flower")
+EXECUTION_KEYS = ("engine", "batched", "ray_address")
+"""Keys that choose how rounds are computed; a run may resume with other values."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,19 @@ class FLConfig:
         seed: root of every random draw (weights, partition, sampling, batches).
         device: where the model and the clients' data live (``cpu``, ``cuda``,
             ``cuda:1``); the draws stay on the CPU generators either way.
+        engine: ``local`` (the in-process server) or ``flower`` (the same
+            rounds as a Flower ServerApp and ClientApps on Flower's simulation
+            runtime, :mod:`fl_core.flower`; needs the ``flower`` extra).
+        batched: the local engine's client computation: ``true`` (plain
+            clients of a BatchNorm-free victim in one vectorised call), ``false``
+            (the client loop) or ``auto`` (vectorised on CUDA, the loop on the
+            CPU, where it is faster for lenet but slower for cnn on CIFAR-10).
+        ray_address: with ``engine: flower``, an existing Ray cluster
+            (``HEAD:6379``) instead of a local Ray instance.
         out: output folder (``None``: a new folder under ``results/``).
+
+    ``engine``, ``batched`` and ``ray_address`` choose how the rounds are
+    computed, not what they compute: a run may resume under another engine.
     """
 
     dataset: str = "fashion-mnist"
@@ -114,6 +129,9 @@ class FLConfig:
     defense_args: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "cpu"
+    engine: str = "local"
+    batched: bool | str = "auto"
+    ray_address: str | None = None
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -137,6 +155,14 @@ class FLConfig:
             raise ValueError(f"device {self.device!r}: use cpu, cuda or cuda:N ({e})") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: no CUDA device here; use cpu")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
+        if self.batched not in (True, False, "auto"):
+            raise ValueError(f"batched must be auto, true or false; got {self.batched!r}")
+        if self.engine == "flower":
+            from fl_core.flower import require_flower
+
+            require_flower()
         self.attack()  # checks the attack block's keys
         from defenses.config import build_plan
 
@@ -274,9 +300,29 @@ def build_run(cfg: FLConfig):
         clients_per_round=cfg.clients_per_round,
         server_lr=cfg.server_lr,
         seed=cfg.seed,
+        engine={True: "batched", False: "loop"}.get(cfg.batched, "auto"),
         **plan.server_kwargs(),
     )
     return server, test, attack
+
+
+@dataclass(frozen=True)
+class ConfigClients:
+    """The client side of a config's run, for Flower's client processes (:mod:`fl_core.flower`).
+
+    Small and hashable (the config as JSON), so it travels with every message;
+    each process builds the run's clients once, exactly as :func:`build_run`
+    builds them for the in-process server.
+    """
+
+    config: str
+
+    def __call__(self):
+        from fl_core.flower import ClientSide
+
+        cfg = FLConfig(**json.loads(self.config))
+        server, _, _ = build_run(cfg)
+        return ClientSide(server.clients, server.client_defenses, server._work, cfg.seed)
 
 
 def _evaluate(server, test, attack) -> dict[str, float]:
@@ -303,18 +349,24 @@ def _stateful(server) -> dict[str, Any]:
     }
 
 
-def run_fl(cfg: FLConfig, *, progress: bool = False) -> list[dict[str, Any]]:
-    """Run (or resume) the config's rounds; returns the per-round records."""
+def run_fl(cfg: FLConfig, *, progress: bool = False, grid: Any = None) -> list[dict[str, Any]]:
+    """Run (or resume) the config's rounds; returns the per-round records.
+
+    ``grid``: a Flower ``Grid`` when called from a deployed ``ServerApp``
+    (:mod:`leakage.flower_app`): the rounds then go to the SuperNodes behind it
+    instead of a simulation runtime this call starts.
+    """
     from leakage.experiment import prepare_out
     from leakage.store import append_record, load_records
 
     out = prepare_out(cfg.out or Path("results") / f"fl-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("rounds", "out")}
+    compared = {k: v for k, v in settings.items() if k not in EXECUTION_KEYS}
     stored = out / "config.json"
     if stored.exists():
         previous = json.loads(stored.read_text())
         defaults = {f.name: f.default for f in dataclasses.fields(FLConfig)}
-        now = json.loads(json.dumps(settings))
+        now = json.loads(json.dumps(compared))
         # a key added to FLConfig after the run started counts as its default there
         diff = sorted(k for k in now if previous.get(k, defaults.get(k)) != now[k])
         if diff:
@@ -350,23 +402,42 @@ def run_fl(cfg: FLConfig, *, progress: bool = False) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.rounds, initial=server.round, disable=not progress, desc="rounds")
-    while server.round < cfg.rounds:
-        start = time.perf_counter()
-        server.run_round()
+    clock = [time.perf_counter()]
+
+    def after_round(_record=None) -> None:
         bar.update(1)
         t = server.round  # rounds done
+        seconds, clock[0] = time.perf_counter() - clock[0], time.perf_counter()
         if t % cfg.eval_every and t != cfg.rounds:
-            continue
-        record = {
-            "round": t,
-            **_evaluate(server, test, attack),
-            "seconds": time.perf_counter() - start,
-        }
+            return
+        record = {"round": t, **_evaluate(server, test, attack), "seconds": seconds}
         tmp = out / "state.pt.tmp"
         torch.save({"model": server.model.state_dict(), "round": t, **_stateful(server)}, tmp)
         tmp.replace(state_path)  # the state and the record of round t land together
         append_record(out / "rounds.jsonl", record)
         records.append(record)
+        clock[0] = time.perf_counter()  # the next round's time leaves evaluation out
+
+    if grid is not None:
+        from fl_core.flower import server_main
+
+        server_main(server, cfg.rounds - server.round, after_round)(grid, None)
+    elif cfg.engine == "flower":
+        from fl_core.flower import run_flower
+
+        source = ConfigClients(json.dumps({**settings, "rounds": cfg.rounds}))
+        run_flower(
+            server,
+            source,
+            cfg.rounds - server.round,
+            on_round=after_round,
+            ray_address=cfg.ray_address,
+            gpus_per_client=0.0 if cfg.device == "cpu" else 1.0,
+        )
+    else:
+        while server.round < cfg.rounds:
+            server.run_round()
+            after_round()
     bar.close()
     write_outputs(records, out, cfg)
     return records

@@ -16,7 +16,15 @@ import torch
 import defenses
 from fl_core import Client, LocalTraining, Server, Update, build_model
 
-PACKAGES = ["fl_core", "leakage", "leakage.attacks", "defenses"]
+PACKAGES = [
+    "fl_core",
+    "fl_core.batched",
+    "fl_core.flower",
+    "leakage",
+    "leakage.attacks",
+    "leakage.sweep",
+    "defenses",
+]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

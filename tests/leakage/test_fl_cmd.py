@@ -55,6 +55,24 @@ def test_a_run_writes_records_and_resumes_to_the_same_numbers(tmp_path, capsys):
     capsys.readouterr()
 
 
+def _weights(out):
+    state = torch.load(out / "state.pt", weights_only=False)["model"]
+    return torch.cat([v.flatten() for v in state.values() if v.is_floating_point()])
+
+
+@pytest.mark.parametrize("algorithm", ["fedsgd", "fedavg"])
+def test_batched_and_looped_clients_give_the_same_run_and_resume_each_other(algorithm, tmp_path):
+    cfg = _config(tmp_path, algorithm=algorithm, momentum=0.5)
+    loop = run_fl(load_fl_config(cfg, out=str(tmp_path / "loop"), batched=False))
+    batched = run_fl(load_fl_config(cfg, out=str(tmp_path / "vmap"), batched=True))
+    assert (_weights(tmp_path / "loop") - _weights(tmp_path / "vmap")).abs().max() < 1e-5
+    assert [r["accuracy"] for r in loop] == [r["accuracy"] for r in batched]
+    # how the clients are computed is not a setting: a loop run resumes batched
+    run_fl(load_fl_config(cfg, out=str(tmp_path / "mixed"), batched=False, rounds=2))
+    run_fl(load_fl_config(cfg, out=str(tmp_path / "mixed"), batched=True))
+    assert (_weights(tmp_path / "loop") - _weights(tmp_path / "mixed")).abs().max() < 1e-5
+
+
 def test_the_attack_moves_the_model_and_krum_undoes_it(tmp_path):
     def weights(**extra):
         out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
@@ -89,6 +107,8 @@ def test_the_attack_moves_the_model_and_krum_undoes_it(tmp_path):
         ({"device": "gpu0"}, "device 'gpu0': use cpu, cuda or cuda:N"),
         ({"defense_args": {"type": "krum", "f": 1}}, "krum needs n >= 2f + 3 (n=4, f=1)"),
         ({"defense_args": {"type": "bulyan", "f": 1}}, "bulyan needs n >= 4f + 3 (n=4, f=1)"),
+        ({"engine": "spark"}, "unknown engine 'spark'; valid: local, flower"),
+        ({"batched": "maybe"}, "batched must be auto, true or false"),
         pytest.param(
             {"device": "cuda"},
             "no CUDA device here; use cpu",
