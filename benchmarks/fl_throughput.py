@@ -112,28 +112,32 @@ def key(r: dict) -> tuple:
             r["per_client"], r["device"], r["threads"])  # fmt: skip
 
 
+def setting_of(r: dict) -> tuple:
+    """What a measurement's figure depends on besides model, clients and engine."""
+    return (r["algorithm"], r["local_steps"], r["per_client"], r["device"], r["threads"])
+
+
+def args_setting(args: argparse.Namespace) -> tuple:
+    steps = args.local_steps if args.algorithm == "fedavg" else 1
+    return (args.algorithm, steps, args.per_client, args.device, torch.get_num_threads())
+
+
 def same_setting(r: dict, args: argparse.Namespace) -> bool:
     """Whether a stored measurement was taken with this invocation's settings."""
-    steps = args.local_steps if args.algorithm == "fedavg" else 1
-    return (r["algorithm"], r["local_steps"], r["per_client"], r["device"], r["threads"]) == (
-        args.algorithm,
-        steps,
-        args.per_client,
-        args.device,
-        torch.get_num_threads(),
-    )
+    return setting_of(r) == args_setting(args)
 
 
-def table(records: list[dict], args: argparse.Namespace) -> str:
+def table(records: list[dict], setting: tuple) -> str:
+    """One Markdown table: the measurements of one setting, engines side by side."""
+    algorithm, steps, per_client, device, threads = setting
     rows = {}
     for r in records:
-        if same_setting(r, args):
+        if setting_of(r) == setting:
             rows[(r["model"], r["clients"], r["engine"])] = r["updates_per_s"]
     lines = [
-        f"Client updates per second, {args.algorithm}"
-        + (f" ({args.local_steps} local steps)" if args.algorithm == "fedavg" else "")
-        + f", {args.per_client} images per client, {args.device}, "
-        f"{torch.get_num_threads()} threads:",
+        f"Client updates per second, {algorithm}"
+        + (f" ({steps} local steps)" if algorithm == "fedavg" else "")
+        + f", {per_client} image(s) per client, {device}, {threads} threads:",
         "",
         "| model | clients | " + " | ".join(ENGINES) + " | batched / loop | batched / flower |",
         "|---|---:|" + "---:|" * (len(ENGINES) + 2),
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     p.add_argument("--algorithm", default="fedsgd", choices=["fedsgd", "fedavg"])
     p.add_argument("--local-steps", type=int, default=5, help="FedAvg local steps")
-    p.add_argument("--per-client", type=int, default=8, help="images per client (= batch)")
+    p.add_argument("--per-client", type=int, default=1, help="images per client (= batch)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-root", default="../shared/datasets")
@@ -214,9 +218,16 @@ def main(argv=None) -> int:
                 records = [x for x in records if key(x) != key(r)] + [r]
                 print(f"{model:6s} {clients:5d} clients {engine:8s} "
                       f"{r['updates_per_s']:10,.0f} updates/s", flush=True)  # fmt: skip
-    text = table(records, args) + "\n" + "\n".join(check_targets(records, args)) + "\n"
-    (args.out / "throughput.md").write_text(text)
+    text = table(records, args_setting(args)) + "\n" + "\n".join(check_targets(records, args))
     print("\n" + text)
+    sections = []
+    for setting in sorted({setting_of(r) for r in records}):
+        sections.append(table(records, setting))
+        view = argparse.Namespace(algorithm=setting[0], local_steps=setting[1],
+                                  per_client=setting[2], device=setting[3])  # fmt: skip
+        if setting[4] == torch.get_num_threads():
+            sections[-1] += "".join(f"\n{line}\n" for line in check_targets(records, view))
+    (args.out / "throughput.md").write_text("\n".join(sections))
     return 0
 
 

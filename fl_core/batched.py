@@ -36,7 +36,7 @@ from torch.func import functional_call, grad, vmap
 from .client import Client, LocalTraining, float_buffers
 from .types import GroundTruth, Update
 
-__all__ = ["batchable", "compute_updates", "sgd_step"]
+__all__ = ["batchable", "batchable_clients", "compute_updates", "sgd_step"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,13 @@ def batchable(model: nn.Module, client: object) -> bool:
     makes :func:`compute_updates` raise a RuntimeError, never differ silently.
     """
     return type(client) is Client and _model_batchable(model)
+
+
+def batchable_clients(model: nn.Module, clients: Sequence[object]) -> list[Client]:
+    """The clients :func:`batchable` says yes to, in order (the model checked once)."""
+    if not _model_batchable(model):
+        return []
+    return [c for c in clients if type(c) is Client]
 
 
 def compute_updates(

@@ -47,6 +47,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,7 +433,8 @@ def run_fl(cfg: FLConfig, *, progress: bool = False, grid: Any = None) -> list[d
             cfg.rounds - server.round,
             on_round=after_round,
             ray_address=cfg.ray_address,
-            gpus_per_client=0.0 if cfg.device == "cpu" else 1.0,
+            # the GPU shared by one actor per CPU
+            gpus_per_client=0.0 if cfg.device == "cpu" else 1.0 / (os.cpu_count() or 1),
         )
     else:
         while server.round < cfg.rounds:
@@ -522,6 +524,13 @@ def add_fl_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="replace defense_args with these defenses, repeatable, applied in order "
         f"(e.g. --defense krum:f=1); 'none' disables; names: {', '.join(DEFENSES)}",
     )
+    f.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="where the rounds run: local (in process) or flower (Flower's simulation "
+        "runtime, needs the flower extra); overrides the config's engine",
+    )
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     return f
 
@@ -533,6 +542,7 @@ def config_from_args(args: argparse.Namespace) -> FLConfig:
     from defenses.config import parse_name_params
 
     overrides: dict[str, Any] = {"out": args.out, "rounds": args.rounds}
+    overrides["engine"] = getattr(args, "engine", None)
     for item in args.overrides or []:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():

@@ -20,11 +20,14 @@ The recipe is in the README ("Past one machine").
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fl_core.flower import make_client_app, require_flower
 
 __all__ = ["client_app", "config_of", "server_app"]
+
+log = logging.getLogger(__name__)
 
 
 def config_of(run_config: Any):
@@ -55,7 +58,7 @@ def _main(grid, context) -> None:
 
     records = run_fl(config_of(context.run_config), grid=grid)
     if records:
-        print(f"round {records[-1]['round']}: accuracy {records[-1]['accuracy']:.4f}")
+        log.info("round %d: accuracy %.4f", records[-1]["round"], records[-1]["accuracy"])
 
 
 client_app = make_client_app(source_from_context=_source)

@@ -318,3 +318,12 @@ def test_server_auto_engine_batches_only_on_cuda():
     assert len(Server(_model(), clients, engine="batched")._batchable(clients)) == 2
     with pytest.raises(ValueError, match="unknown engine 'vmap'; valid: auto, batched, loop"):
         Server(_model(), clients, engine="vmap")
+
+
+def test_batchable_clients_keeps_plain_clients_in_order():
+    from fl_core.batched import batchable_clients
+
+    clients = _clients([4, 4, 4], [LocalTraining("fedsgd")] * 3)
+    mixed = [clients[0], Byzantine(clients[1], mode="zero"), clients[2]]
+    assert batchable_clients(_model(), mixed) == [clients[0], clients[2]]
+    assert batchable_clients(_model("resnet20", shape=(3, 32, 32)), clients) == []

@@ -53,8 +53,8 @@ def _traced(cfg):
 
 def test_flower_engine_matches_in_process_updates_and_models():
     # a poisoning client with state across rounds (lazy: resends its round-0 update in
-    # round 1), a client-side defense that draws noise, and a robust aggregator: every
-    # hook of a round, on both engines
+    # round 1), a client-side defense that draws noise, a robust aggregator and noise
+    # after aggregation: every hook of a round, on both engines
     cfg = _config(
         attack_args={
             "enable": True,
@@ -63,7 +63,13 @@ def test_flower_engine_matches_in_process_updates_and_models():
             "ids": [1],
             "rounds": [1, None],
         },
-        defense_args={"defenses": [{"gaussian": {"sigma": 0.001}}, {"median": None}]},
+        defense_args={
+            "defenses": [
+                {"gaussian": {"sigma": 0.001}},
+                {"median": None},
+                {"weak_dp": {"sigma": 1e-4}},
+            ]
+        },
     )
     local, local_seen, local_truth = _traced(cfg)
     models = []

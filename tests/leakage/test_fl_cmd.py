@@ -180,3 +180,18 @@ def test_a_run_started_before_a_new_key_still_resumes(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"other settings \(weight_decay\)"):
         run_fl(load_fl_config(cfg, out=str(out), weight_decay=0.1))
     capsys.readouterr()
+
+
+def test_engine_flag_and_key_choose_where_rounds_run(tmp_path):
+    import argparse
+
+    from leakage.fl_cmd import add_fl_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_fl_parser(parser.add_subparsers(dest="command"))
+    cfg = _config(tmp_path, engine="flower", batched=True)
+    assert config_from_args(parser.parse_args(["fl", str(cfg)])).engine == "flower"
+    local = config_from_args(parser.parse_args(["fl", str(cfg), "--engine", "local"]))
+    assert (local.engine, local.batched) == ("local", True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fl", str(cfg), "--engine", "spark"])
