@@ -22,6 +22,7 @@ A YAML file in the style of the FedMLSecurity paper (``attack_args`` /
     defense_args:
       enable: true
       defenses: [{median: null}]   # any defense list (see defenses.config)
+    engine: local             # or flower: Flower's simulation runtime (fl_core.flower)
 
 Flags lay over the file (or over the defaults, without one)::
 

@@ -112,7 +112,7 @@ def test_flower_engine_matches_in_process_updates_and_models():
 
 
 def test_same_yaml_runs_on_both_engines_with_matching_numbers(tmp_path):
-    cfg = _config(algorithm="fedsgd", lr=0.01, rounds=2, server_lr=0.5)
+    cfg = _config(algorithm="fedsgd", lr=0.01, rounds=2, server_lr=0.5, clients_per_round=2)
     local = run_fl(dataclasses.replace(cfg, out=str(tmp_path / "local")))
     flower = run_fl(dataclasses.replace(cfg, engine="flower", out=str(tmp_path / "flower")))
     assert [r["round"] for r in local] == [r["round"] for r in flower] == [1, 2]
