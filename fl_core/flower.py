@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from .server import ClientResult, Server
+from .server import ClientResult, Server, client_generator
 from .types import GroundTruth, Protocol, RoundRecord, Update
 
 __all__ = [
@@ -110,6 +110,13 @@ def _record(tensors: Sequence[torch.Tensor]):
     from flwr.app import ArrayRecord
 
     return ArrayRecord(OrderedDict((str(i), t.detach().cpu()) for i, t in enumerate(tensors)))
+
+
+def _state_record(model: torch.nn.Module):
+    """The model's state dict as a Flower ``ArrayRecord`` (on the CPU, in state-dict order)."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord(OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items()))
 
 
 def _tensors(record, device) -> tuple[torch.Tensor, ...]:
@@ -207,9 +214,7 @@ def make_client_app(
         state = msg.content["arrays"].to_torch_state_dict()
         side.model.load_state_dict({k: v.to(device) for k, v in state.items()})
         _load_state(client, context)
-        from .server import round_generator
-
-        g = round_generator(side.seed, t, 1 + client.client_id)
+        g = client_generator(side.seed, t, client.client_id)
         update, truth = client.compute_update(side.model, round=t, generator=g)
         for defense in side.client_defenses:
             update = defense(update, generator=g)
@@ -275,11 +280,7 @@ def _make_strategy_class():
             self._snapshot = None
 
         def _arrays(self) -> ArrayRecord:
-            return ArrayRecord(
-                OrderedDict(
-                    (k, v.detach().cpu()) for k, v in self.server.model.state_dict().items()
-                )
-            )
+            return _state_record(self.server.model)
 
         def configure_train(self, server_round, arrays, config, grid):
             t = self.server.round
@@ -369,14 +370,11 @@ def discover_nodes(grid, num_clients: int, *, timeout: float = 120.0) -> dict[in
 
 def server_main(server: Server, rounds: int, on_round=None):
     """The body of a ``ServerApp``'s main: discover the nodes, then run ``rounds`` rounds."""
-    from flwr.app import ArrayRecord
 
     def main(grid, context) -> None:
         nodes = discover_nodes(grid, len(server.clients))
         strategy = lab_strategy(server, nodes, on_round)
-        initial = ArrayRecord(
-            OrderedDict((k, v.detach().cpu()) for k, v in server.model.state_dict().items())
-        )
+        initial = _state_record(server.model)
         strategy.start(grid, initial_arrays=initial, num_rounds=rounds)
 
     return main

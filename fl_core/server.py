@@ -34,7 +34,7 @@ from torch import nn
 from .client import Client, float_buffers
 from .types import GroundTruth, Observation, Protocol, RoundRecord, Update
 
-__all__ = ["ClientResult", "ENGINES", "Server", "fedavg", "round_generator"]
+__all__ = ["ClientResult", "ENGINES", "Server", "client_generator", "fedavg", "round_generator"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,11 @@ def round_generator(seed: int, round: int, stream: int) -> torch.Generator:
     """A generator for one (round, stream) pair, independent of call order."""
     state = np.random.SeedSequence([seed, round, stream]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def client_generator(seed: int, round: int, client_id: int) -> torch.Generator:
+    """The generator of one client's round (batch choice, then its defenses), on any engine."""
+    return round_generator(seed, round, 1 + client_id)
 
 
 class Server:
@@ -193,10 +198,6 @@ class Server:
         buffers = tuple((n, b.detach().clone()) for n, b in self.model.named_buffers())
         return params, buffers
 
-    def client_generator(self, round: int, client_id: int) -> torch.Generator:
-        """The generator of one client's local computation in ``round``."""
-        return round_generator(self.seed, round, 1 + client_id)
-
     def local_updates(self, clients: Sequence[Client], round: int) -> list[ClientResult]:
         """Every sampled client's update (after its defenses), ground truth and protocol.
 
@@ -207,7 +208,7 @@ class Server:
         clients (adversaries, DP-SGD) always take the loop.
         """
         results: dict[int, ClientResult] = {}
-        generators = {c.client_id: self.client_generator(round, c.client_id) for c in clients}
+        generators = {c.client_id: client_generator(self.seed, round, c.client_id) for c in clients}
         together = self._batchable(clients)
         if together:
             from .batched import compute_updates
@@ -219,7 +220,8 @@ class Server:
                 generators=[generators[c.client_id] for c in together],
             )
             for client, (update, truth) in zip(together, computed):
-                results[client.client_id] = self._defend(client, update, truth, generators)
+                g = generators[client.client_id]
+                results[client.client_id] = self._defend(client, update, truth, g)
         state = self.model.state_dict() if len(results) < len(clients) else None
         for client in clients:
             if client.client_id in results:
@@ -227,7 +229,7 @@ class Server:
             self._work.load_state_dict(state)
             g = generators[client.client_id]
             update, truth = client.compute_update(self._work, round=round, generator=g)
-            results[client.client_id] = self._defend(client, update, truth, generators)
+            results[client.client_id] = self._defend(client, update, truth, g)
         return [results[c.client_id] for c in clients]
 
     def _batchable(self, clients: Sequence[Client]) -> list[Client]:
@@ -242,8 +244,8 @@ class Server:
             return []
         return together
 
-    def _defend(self, client, update, truth, generators) -> ClientResult:
-        g = generators[client.client_id]
+    def _defend(self, client, update, truth, g: torch.Generator) -> ClientResult:
+        """The update as it leaves the client: its defenses draw from the client's generator."""
         for defense in self.client_defenses:
             update = defense(update, generator=g)
         return ClientResult(update, truth, client.protocol())
