@@ -56,7 +56,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLConfig", "add_fl_parser", "config_from_args", "load_fl_config", "run_fl"]
+__all__ = [
+    "ConfigClients",
+    "FLConfig",
+    "add_fl_parser",
+    "config_from_args",
+    "load_fl_config",
+    "run_fl",
+]
 
 ATTACK_KEYS = {"enable", "type", "fraction", "ids", "rounds", "seed"}
 ENGINES = ("local", "flower")
@@ -324,7 +331,8 @@ class ConfigClients:
 
         cfg = FLConfig(**json.loads(self.config))
         server, _, _ = build_run(cfg)
-        return ClientSide(server.clients, server.client_defenses, server._work, cfg.seed)
+        # this process's copy of the victim is the clients' working model
+        return ClientSide(server.clients, server.client_defenses, server.model, cfg.seed)
 
 
 def _evaluate(server, test, attack) -> dict[str, float]:
