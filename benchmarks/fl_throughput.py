@@ -23,8 +23,9 @@ engine work are printed against the measurement: batched >= 10x Flower and
     python benchmarks/fl_throughput.py --algorithm fedavg --local-steps 5 --device cuda
 
 Results are appended to ``<out>/throughput.jsonl`` (one line per
-measurement, tagged with the machine's thread count and device) and the table
-to ``<out>/throughput.md``.
+measurement, tagged with its setting, thread count and device; a measured
+setting is not remeasured without ``--again``), and ``<out>/throughput.md``
+holds one table per setting measured so far.
 """
 
 from __future__ import annotations
