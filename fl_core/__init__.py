@@ -8,8 +8,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .client import Client, LocalTraining
 from .data import (
     DATASETS,
+    NORMALIZATION,
     SAMPLE_NAMES,
     ImageData,
+    dataset_normalization,
     load_dataset,
     load_image_files,
     load_image_folder,
@@ -33,6 +35,7 @@ __all__ = [
     "LocalTraining",
     "MODELS",
     "ModelSpec",
+    "NORMALIZATION",
     "Observation",
     "Protocol",
     "Registry",
@@ -42,6 +45,7 @@ __all__ = [
     "Update",
     "build_model",
     "count_parameters",
+    "dataset_normalization",
     "evaluate_accuracy",
     "fedavg",
     "label_skew",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import build_model
+from .models import ModelSpec, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ def load_checkpoint(
             in_shape=tuple(spec["in_shape"]),
             activation=spec["activation"],
             convert=spec.get("convert"),
+            normalize=ModelSpec.normalize_from_dict(spec.get("normalize")),
             **spec.get("options", {}),
         )
         model.load_state_dict(payload["state_dict"], strict=True)

@@ -27,6 +27,11 @@ class LocalTraining:
         lr: local learning rate (FedAvg only).
         momentum: local SGD momentum (FedAvg only).
         weight_decay: local SGD weight decay, L2 added to the gradient (FedAvg only).
+        bn_mode: ``"train"`` (the default, what FL clients do in practice:
+            BatchNorm normalises with the batch's own statistics and updates
+            its running statistics) or ``"eval"`` (BatchNorm uses the global
+            model's running statistics, as the gradient-inversion papers'
+            victims do). Recorded in the protocol, so attacks simulate it.
     """
 
     algorithm: Literal["fedsgd", "fedavg"] = "fedsgd"
@@ -35,6 +40,7 @@ class LocalTraining:
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
+    bn_mode: Literal["train", "eval"] = "train"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("fedsgd", "fedavg"):
@@ -45,6 +51,8 @@ class LocalTraining:
             raise ValueError(f"local_steps {self.local_steps}: use a positive integer")
         if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
             raise ValueError("lr must be positive, momentum and weight_decay non-negative")
+        if self.bn_mode not in ("train", "eval"):
+            raise ValueError(f"bn_mode must be 'train' or 'eval'; got {self.bn_mode!r}")
 
 
 def float_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -90,10 +98,19 @@ class Client:
         """What the protocol reveals about this client's local computation."""
         t = self.training
         b = self._batch_size()
+        train_mode = t.bn_mode == "train"
         if t.algorithm == "fedsgd":
-            return Protocol("fedsgd", num_samples=b, batch_size=b)
+            return Protocol("fedsgd", num_samples=b, batch_size=b, train_mode=train_mode)
         seen = min(len(self), b * t.local_steps)
-        return Protocol("fedavg", seen, b, local_steps=t.local_steps, lr=t.lr, momentum=t.momentum)
+        return Protocol(
+            "fedavg",
+            seen,
+            b,
+            local_steps=t.local_steps,
+            lr=t.lr,
+            momentum=t.momentum,
+            train_mode=train_mode,
+        )
 
     def _batches(self, generator: torch.Generator) -> list[torch.Tensor]:
         """Index batches for this round: reshuffled each epoch, drawn from ``generator``."""
@@ -128,7 +145,7 @@ class Client:
         device = next(model.parameters()).device
         params = [p for p in model.parameters()]
         batches = self._batches(generator)
-        model.train()
+        model.train(self.training.bn_mode == "train")
         if self.training.algorithm == "fedsgd":
             idx = batches[0]
             x, y = self.images[idx].to(device), self.labels[idx].to(device)

@@ -4,6 +4,14 @@ Every victim takes ``num_classes``, an input shape ``in_shape = (C, H, W)``,
 ``activation`` where it applies, and a ``torch.Generator`` for its initial
 weights. Models are created on the meta device and then initialised from the
 generator, so building a model never reads or advances the global RNG.
+
+Victims take images in pixel space [0, 1] and may carry their input
+normalisation, ``(x - mean) / std`` per channel with the training data's
+statistics, as deployed models do (``normalize=(mean, std)``). It is the
+model's first layer (:class:`InputNormalization`, constants without
+parameters or buffers) and part of its :class:`ModelSpec`, so every rebuild
+of the architecture, the attacker's included, normalises the same way, and
+updates, aggregation and checkpoints see the same parameters as without it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from .registry import Registry
 
 __all__ = [
     "ACTIVATIONS",
+    "InputNormalization",
     "MODELS",
     "MODEL_CONVERTERS",
     "ModelSpec",
@@ -66,6 +75,7 @@ class ModelSpec:
     activation: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
     convert: str | None = None
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def build(self, *, generator: torch.Generator | None = None) -> nn.Module:
         """A fresh model of this architecture, initialised from ``generator``."""
@@ -76,10 +86,12 @@ class ModelSpec:
             activation=self.activation,
             generator=generator,
             convert=self.convert,
+            normalize=self.normalize,
             **dict(self.options),
         )
 
     def to_dict(self) -> dict[str, Any]:
+        norm = self.normalize
         return {
             "name": self.name,
             "num_classes": self.num_classes,
@@ -87,7 +99,83 @@ class ModelSpec:
             "activation": self.activation,
             **({"options": dict(self.options)} if self.options else {}),
             **({"convert": self.convert} if self.convert else {}),
+            **({"normalize": {"mean": list(norm[0]), "std": list(norm[1])}} if norm else {}),
         }
+
+    @staticmethod
+    def normalize_from_dict(value: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The ``normalize`` entry of :meth:`to_dict` (or ``None``) back as ``(mean, std)``."""
+        if value is None:
+            return None
+        try:
+            return tuple(map(float, value["mean"])), tuple(map(float, value["std"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"normalize must be {{'mean': [...], 'std': [...]}}; got {value!r}"
+            ) from None
+
+    @property
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` as (C, 1, 1) float64 tensors; zeros and ones without normalisation."""
+        c = self.in_shape[0]
+        if self.normalize is None:
+            return torch.zeros(c, 1, 1, dtype=torch.float64), torch.ones(
+                c, 1, 1, dtype=torch.float64
+            )
+        mean, std = self.normalize
+        return (
+            torch.tensor(mean, dtype=torch.float64).view(c, 1, 1),
+            torch.tensor(std, dtype=torch.float64).view(c, 1, 1),
+        )
+
+
+class InputNormalization(nn.Module):
+    """``x -> (x - mean) / std`` per channel: a victim's first layer.
+
+    The constants are plain Python floats, not parameters or buffers, so the
+    layer adds nothing to ``parameters()``, ``buffers()`` or the state dict
+    and follows the input's device and dtype. With ``mean=None`` it is the
+    identity.
+
+    Input (B, C, H, W) in pixel space -> (B, C, H, W) normalised.
+    """
+
+    def __init__(
+        self, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+    ) -> None:
+        super().__init__()
+        self.mean = None if mean is None else tuple(float(m) for m in mean)
+        self.std = None if std is None else tuple(float(s) for s in std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return x
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return (x - mean) / std
+
+    def extra_repr(self) -> str:
+        return "identity" if self.mean is None else f"mean={self.mean}, std={self.std}"
+
+
+def _check_normalize(normalize: Any, channels: int):
+    """``(mean, std)`` as float tuples of length ``channels`` with ``std > 0``, or ``None``."""
+    if normalize is None:
+        return None
+    try:
+        mean, std = normalize
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"normalize must be (mean, std), one value per channel each; got {normalize!r}"
+        ) from None
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"normalize has {len(mean)} means and {len(std)} stds for {channels} input channels"
+        )
+    if min(std) <= 0 or not all(math.isfinite(v) for v in mean + std):
+        raise ValueError(f"normalize needs finite means and positive stds; got {normalize!r}")
+    return mean, std
 
 
 def _activation(name: str) -> Callable[[], nn.Module]:
@@ -115,6 +203,7 @@ def build_model(
     activation: str | None = None,
     generator: torch.Generator | None = None,
     convert: str | None = None,
+    normalize: tuple[Any, Any] | None = None,
     **options: Any,
 ) -> nn.Module:
     """Build the victim registered as ``name``.
@@ -128,6 +217,9 @@ def build_model(
         generator: source of the initial weights (default: seed 0).
         convert: a converter of :data:`MODEL_CONVERTERS` applied after
             initialisation (``None``: the victim as registered).
+        normalize: ``(mean, std)``, one value per input channel each: the
+            model's first layer maps pixel-space inputs to ``(x - mean) / std``
+            (``None``: inputs go in as they are).
         **options: victim-specific options (``cifar_stem`` for ``resnet18``,
             ``width`` and ``depth`` for ``mlp``).
 
@@ -137,6 +229,7 @@ def build_model(
     """
     factory = MODELS.get(name)
     in_shape = _check_shape(tuple(in_shape), num_classes)
+    normalize = _check_normalize(normalize, in_shape[0])
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     with torch.device("meta"):
@@ -150,8 +243,16 @@ def build_model(
             module.reset_running_stats()
     if convert is not None:
         model = MODEL_CONVERTERS.get(convert)(model)
+    if normalize is not None:
+        model.input_norm = InputNormalization(*normalize)
     model.spec = ModelSpec(
-        name, num_classes, in_shape, resolved_activation, tuple(sorted(options.items())), convert
+        name,
+        num_classes,
+        in_shape,
+        resolved_activation,
+        tuple(sorted(options.items())),
+        convert,
+        normalize,
     )
     return model.train()
 
@@ -184,15 +285,27 @@ class LeNet(nn.Module):
     """The LeNet of Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019).
 
     Conv(C->12, k5, s2, p2) -> act -> Conv(12->12, k5, s2, p2) -> act ->
-    Conv(12->12, k5, s1, p2) -> act -> Linear(12*h*w -> classes), all weights
-    and biases drawn U(-0.5, 0.5) as in the paper's code. For 32x32 inputs the
-    linear layer has 768 inputs, for 28x28 it has 588.
+    Conv(12->12, k5, s1, p2) -> act -> Linear(12*h*w -> classes). For 32x32
+    inputs the linear layer has 768 inputs, for 28x28 it has 588.
+
+    Initialisation: with the paper's sigmoid, all weights and biases are drawn
+    U(-0.5, 0.5) as in the paper's code (and the inverting-gradients code's
+    ``LeNetZhu``). With any other activation the layers get PyTorch's default
+    init instead: U(-0.5, 0.5) weights on an unbounded activation such as ReLU
+    give logits of standard deviation ~50 on a random image, so the softmax
+    saturates, the cross-entropy is exactly 0 in float32 and the gradient an
+    attacker must match vanishes (~1e-21) — a numerically broken victim, not a
+    safe one. PyTorch's default gives logits of std ~0.02 there.
 
     Input (B, C, H, W) -> logits (B, classes).
     """
 
-    def __init__(self, num_classes: int, in_shape: tuple[int, int, int], act: Callable) -> None:
+    def __init__(
+        self, num_classes: int, in_shape: tuple[int, int, int], act: Callable, paper_init: bool
+    ) -> None:
         super().__init__()
+        self.input_norm = InputNormalization()
+        self.paper_init = paper_init
         c, h, w = in_shape
         self.body = nn.Sequential(
             nn.Conv2d(c, 12, kernel_size=5, stride=2, padding=2),
@@ -207,10 +320,14 @@ class LeNet(nn.Module):
         self.fc = nn.Linear(12 * h * w, num_classes)
 
     def init_weights(self, g: torch.Generator) -> None:
+        if not self.paper_init:
+            _default_init(self, g)
+            return
         for p in self.parameters():
             _uniform_(p, 0.5, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_norm(x)
         return self.fc(self.body(x).flatten(1))  # (B, 12*h*w) -> (B, classes)
 
 
@@ -223,6 +340,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int, in_shape: tuple[int, int, int], act: Callable) -> None:
         super().__init__()
+        self.input_norm = InputNormalization()
         c, h, w = in_shape
         self.body = nn.Sequential(
             nn.Conv2d(c, 16, kernel_size=5, padding=2),
@@ -238,7 +356,7 @@ class SmallCNN(nn.Module):
         _default_init(self, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.body(x).flatten(1))
+        return self.fc(self.body(self.input_norm(x)).flatten(1))
 
 
 class ResNet18(nn.Module):
@@ -265,6 +383,7 @@ class ResNet18(nn.Module):
         elif c != 3:
             net.conv1 = nn.Conv2d(c, 64, kernel_size=7, stride=2, padding=3, bias=False)
         _swap_relu(net, act)
+        self.input_norm = InputNormalization()
         self.net = net
 
     def init_weights(self, g: torch.Generator) -> None:
@@ -276,7 +395,7 @@ class ResNet18(nn.Module):
                     m.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(self.input_norm(x))
 
 
 class _BasicBlock(nn.Module):
@@ -337,6 +456,7 @@ class ResNet20(nn.Module):
 
     def __init__(self, num_classes: int, in_shape: tuple[int, int, int], act: Callable) -> None:
         super().__init__()
+        self.input_norm = InputNormalization()
         self.conv1 = nn.Conv2d(in_shape[0], 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.act1 = act()
@@ -362,7 +482,7 @@ class ResNet20(nn.Module):
                     m.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))  # (B, 16, H, W)
+        x = self.act1(self.bn1(self.conv1(self.input_norm(x))))  # (B, 16, H, W)
         x = self.layer3(self.layer2(self.layer1(x)))  # (B, 64, ceil(H/4), ceil(W/4))
         return self.fc(x.mean(dim=(2, 3)))  # (B, 64) -> (B, classes)
 
@@ -392,6 +512,7 @@ class MLP(nn.Module):
         depth: int,
     ) -> None:
         super().__init__()
+        self.input_norm = InputNormalization()
         sizes = [math.prod(in_shape)] + [width] * (depth - 1) + [num_classes]
         layers: list[nn.Module] = [nn.Flatten()]
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -404,7 +525,7 @@ class MLP(nn.Module):
         _default_init(self, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (B, C, H, W) -> (B, C*H*W) -> ... -> (B, classes)
+        return self.net(self.input_norm(x))  # (B, C, H, W) -> (B, C*H*W) -> ... -> (B, classes)
 
 
 def _swap_relu(module: nn.Module, act: Callable) -> None:
@@ -418,7 +539,8 @@ def _swap_relu(module: nn.Module, act: Callable) -> None:
 @MODELS.register("lenet")
 def _lenet(*, num_classes, in_shape, activation=None):
     activation = activation or "sigmoid"
-    return LeNet(num_classes, in_shape, _activation(activation)), activation
+    model = LeNet(num_classes, in_shape, _activation(activation), activation == "sigmoid")
+    return model, activation
 
 
 @MODELS.register("cnn")

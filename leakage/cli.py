@@ -117,6 +117,17 @@ def _parser() -> argparse.ArgumentParser:
         f"--defense gaussian:sigma=0.01); names: {', '.join(DEFENSES)}",
     )
     a.add_argument(
+        "--normalize",
+        default=S,
+        help="victim input normalisation: dataset (its mean/std, default) or none",
+    )
+    a.add_argument(
+        "--bn-mode",
+        default=S,
+        help="BatchNorm of the client: train (batch statistics, default, as FL clients run) "
+        "or eval (running statistics, as in the inversion papers)",
+    )
+    a.add_argument(
         "--precision", default=S, help="auto (float64 for small victims), float32 or float64"
     )
     a.add_argument("--seed", type=int, default=S, help="seed of weights and attack (default 0)")

@@ -28,7 +28,7 @@ import yaml
 from defenses.config import build_plan, normalize_defenses
 from fl_core.checkpoint import load_checkpoint
 from fl_core.client import Client, LocalTraining
-from fl_core.data import ImageData, load_dataset, load_image_files
+from fl_core.data import ImageData, dataset_normalization, load_dataset, load_image_files
 from fl_core.models import MODEL_CONVERTERS, MODELS, build_model
 from fl_core.server import Server
 from fl_core.types import GroundTruth, Observation
@@ -39,7 +39,20 @@ from .metrics import label_accuracy, label_set_accuracy, score_images
 from .report import plot_history, plot_reconstruction
 from .simulate import THREAT_MODELS
 
-__all__ = ["AttackConfig", "dp_ready", "load_config", "observe", "observe_round", "run_attack"]
+__all__ = [
+    "BN_MODES",
+    "NORMALIZE_CHOICES",
+    "AttackConfig",
+    "dp_ready",
+    "load_config",
+    "observe",
+    "observe_round",
+    "run_attack",
+    "victim_normalization",
+]
+
+NORMALIZE_CHOICES = ("dataset", "none")
+BN_MODES = ("train", "eval")
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,18 @@ class AttackConfig:
             (optimised), or a strategy of ``leakage.labels`` (``None``: the
             attack's default).
         checkpoint: a victim saved by ``leakage train``; its architecture
-            replaces ``model``, ``activation`` and ``num_classes``.
+            (input normalisation included) replaces ``model``, ``activation``,
+            ``num_classes`` and ``normalize``.
+        normalize: the victim's input normalisation: ``dataset`` (the default:
+            ``(x - mean) / std`` with the dataset's published statistics,
+            ImageNet's for the photographs and image files, a folder's own
+            statistics, see :func:`fl_core.data.dataset_normalization`) or
+            ``none`` (pixels in [0, 1] go in as they are, as in DLG's code).
+        bn_mode: how the client runs BatchNorm: ``train`` (the default, what
+            FL clients do: batch statistics) or ``eval`` (the global model's
+            running statistics, the setting of the gradient-inversion papers).
+            Part of the threat model: the protocol records it and the attacks
+            simulate it.
         steps: optimiser steps of the attack (``None``: the attack's default).
         restarts: random restarts of the attack (``None``: the attack's default).
         tv: total-variation weight (attack ``ig``; ``None``: default).
@@ -117,6 +141,8 @@ class AttackConfig:
     tv: float | None = None
     defenses: tuple[Any, ...] = ()
     precision: str = "auto"
+    normalize: str = "dataset"
+    bn_mode: str = "train"
     seed: int = 0
     device: str = "cpu"
     out: str | None = None
@@ -172,6 +198,12 @@ class AttackConfig:
             raise ValueError(f"unknown precision {self.precision!r}; valid: auto, float32, float64")
         if self.index < 0:
             raise ValueError(f"index {self.index}: use a non-negative integer")
+        if self.normalize not in NORMALIZE_CHOICES:
+            raise ValueError(
+                f"unknown normalize {self.normalize!r}; valid: {', '.join(NORMALIZE_CHOICES)}"
+            )
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"unknown bn_mode {self.bn_mode!r}; valid: {', '.join(BN_MODES)}")
 
     def _subsampled(self) -> bool:
         """Whether some client's local batch is smaller than its share of the batch."""
@@ -203,12 +235,13 @@ class AttackConfig:
         """How the clients compute their updates under this threat model."""
         fedavg = self.threat == "fedavg" or (self.threat == "aggregate" and self.local_steps > 1)
         if not fedavg:
-            return LocalTraining("fedsgd")
+            return LocalTraining("fedsgd", bn_mode=self.bn_mode)
         return LocalTraining(
             "fedavg",
             batch_size=self.local_batch_size,
             local_steps=self.local_steps,
             lr=self.local_lr,
+            bn_mode=self.bn_mode,
         )
 
     def attack_options(self) -> dict[str, Any]:
@@ -270,15 +303,17 @@ def make_config(values: dict[str, Any]) -> AttackConfig:
     return AttackConfig(**values)
 
 
-def _target_batch(cfg: AttackConfig) -> ImageData:
+def _target_batch(cfg: AttackConfig) -> tuple[ImageData, tuple | None]:
+    """The attacked batch, and the input normalisation of a victim trained on its source."""
     b = cfg.effective_batch_size
     if cfg.images:
-        return load_image_files(
+        batch = load_image_files(
             list(cfg.images),
             labels=list(cfg.labels) or None,
             shape=cfg.shape or (3, 32, 32),
             num_classes=cfg.num_classes,
         )
+        return batch, victim_normalization(cfg, None, batch)
     data = load_dataset(
         cfg.dataset,
         root=cfg.data_root,
@@ -301,7 +336,15 @@ def _target_batch(cfg: AttackConfig) -> ImageData:
             f"batch labels {labels} do not fit a victim with {cfg.num_classes} classes; "
             f"use --num-classes {max(labels) + 1} or labels below {cfg.num_classes}"
         )
-    return batch
+    return batch, victim_normalization(cfg, cfg.dataset, data)
+
+
+def victim_normalization(cfg: AttackConfig, dataset: str | None, data: ImageData):
+    """``(mean, std)`` for a victim of ``cfg`` trained on ``dataset`` (``None``: image
+    files), or ``None`` when ``cfg.normalize`` is ``none``."""
+    if cfg.normalize == "none":
+        return None
+    return dataset_normalization(dataset, data)
 
 
 def package_versions() -> dict[str, str]:
@@ -453,16 +496,18 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
             activation=spec.activation,
             num_classes=spec.num_classes,
             shape=tuple(spec.in_shape),
+            normalize="dataset" if spec.normalize else "none",
         )
     attack = ATTACKS.build(cfg.attack, **cfg.attack_options())
     out = prepare_out(cfg.out or default_out(cfg))
-    batch = _target_batch(cfg)
+    batch, normalization = _target_batch(cfg)
     if victim is None:
         victim = build_model(
             cfg.model,
             num_classes=cfg.num_classes,
             in_shape=batch.shape,
             activation=cfg.activation,
+            normalize=normalization,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
     dp = any(name == "dpsgd" for name, _ in cfg.defenses)
@@ -508,8 +553,10 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
     result = {
         "config": {**cfg.to_dict(), "out": str(out), "activation": model.spec.activation},
         "attack_options": {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack)},
+        "victim": model.spec.to_dict(),
         "observation": {
             "threat": cfg.threat,
+            "bn_mode": "train" if obs.protocol.train_mode else "eval",
             "clients": cfg.effective_clients,
             "protocol": dataclasses.asdict(obs.protocol),
         },
@@ -533,6 +580,7 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
             "steps": rec.steps,
             "evaluations": rec.evaluations,
             "stopped": rec.stopped,
+            "options": _plain(rec.options),
             "restart_losses": [_finite(v) for v in rec.restart_losses],
             "history": [_finite(v) for v in rec.history],
         },

@@ -52,6 +52,14 @@ def squared_distance(dummy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def cosine_distance(dummy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Inverting gradients' objective (Geiping et al. 2020, eq. 4): 1 − cos(∇θ', ∇θ).
 
+    Numerically safe for any magnitude: each vector is first divided by its
+    largest absolute entry (a detached factor, which the cosine does not
+    depend on), so neither the norms nor their product can underflow or
+    overflow, even for gradients of ~1e-21 in float32 (a saturated victim),
+    and the cosine is clamped to [−1, 1] against rounding. A vector of zeros
+    (a vanished dummy gradient) has cosine 0 with everything: distance 1,
+    gradient 0.
+
     Args:
         dummy: (R, d) one flat update per restart.
         target: (d,) the observed update.
@@ -59,9 +67,12 @@ def cosine_distance(dummy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Returns:
         (R,) one distance per restart, in [0, 2].
     """
-    dot = dummy @ target  # (R,)
-    norms = dummy.norm(dim=-1) * target.norm()
-    return 1 - dot / norms.clamp_min(torch.finfo(dummy.dtype).tiny)
+    tiny = torch.finfo(dummy.dtype).tiny
+    d = dummy / dummy.detach().abs().amax(-1, keepdim=True).clamp_min(tiny)  # (R, d), max |.| 1
+    t = target / target.abs().amax().clamp_min(tiny)  # (d,)
+    norms = torch.linalg.vector_norm(d, dim=-1) * torch.linalg.vector_norm(t)  # (R,), >= 1 or 0
+    cos = torch.where(norms > 0, (d @ t) / norms.clamp_min(1.0), 0.0)  # zero: no gradient
+    return 1 - cos.clamp(-1.0, 1.0)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:

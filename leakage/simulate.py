@@ -83,6 +83,7 @@ class UpdateSimulator:
             p.requires_grad_(True)
         self.params = dict(model.named_parameters())
         self._leaves = list(self.params.values())
+        self._fparams = {k: v.detach() for k, v in self.params.items()}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.target = obs.update.flat.detach().to(device, dtype)
         self.num_parameters = self.target.numel()
@@ -137,11 +138,17 @@ class UpdateSimulator:
         return tuple(out)
 
     def _client(self, x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
-        """One client's flat update from its n samples."""
+        """One client's flat update from its n samples.
+
+        Under :mod:`torch.func` (``batched``) the victim's parameters enter as
+        detached tensors: nothing differentiates with respect to them, and
+        ``torch.compile`` then builds no backward graph for them.
+        """
+        start = self._fparams if batched else self.params
         if self.kind == "gradient":
-            return self._flat(self._gradient(self.params, x, y, batched).values())
+            return self._flat(self._gradient(start, x, y, batched).values())
         proto = self.protocol
-        params, velocity = self.params, None
+        params, velocity = start, None
         for idx in self._plans[len(x)]:
             g = self._gradient(params, x[idx], y[idx], batched)
             if proto.momentum:  # torch.optim.SGD: v ← μ·v + g, θ ← θ − η·v
@@ -150,7 +157,7 @@ class UpdateSimulator:
                 )
                 g = velocity
             params = {k: params[k] - proto.lr * g[k] for k in params}
-        return self._flat(params[k] - self.params[k] for k in params)
+        return self._flat(params[k] - start[k] for k in params)
 
     def simulate_one(
         self, x: torch.Tensor, y: torch.Tensor, *, batched: bool = False
@@ -167,10 +174,33 @@ class UpdateSimulator:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Updates (R, d) of R restarts: images (R, N, C, H, W), soft labels (R, N, K)."""
+        self._check(x)
+        if len(x) == 1:
+            return self.simulate_one(x[0], y[0])[None]
+        return self.functional(x, y)
+
+    def functional(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`__call__` written with :mod:`torch.func` only (``vmap`` over the
+        restarts, ``grad`` for the victim's gradient), so that it composes with
+        ``torch.func.grad`` and ``torch.compile``; the same values."""
+        self._check(x)
+        if len(x) == 1:  # no vmap: its per-restart weight gradients are grouped convolutions
+            return self.simulate_one(x[0], y[0], batched=True)[None]
+        return vmap(lambda xr, yr: self.simulate_one(xr, yr, batched=True))(x, y)
+
+    def _check(self, x: torch.Tensor) -> None:
         if x.shape[1] != self.num_samples:
             raise ValueError(
                 f"the observation covers {self.num_samples} samples; got {x.shape[1]} dummy images"
             )
-        if len(x) == 1:
-            return self.simulate_one(x[0], y[0])[None]
-        return vmap(lambda xr, yr: self.simulate_one(xr, yr, batched=True))(x, y)
+
+    def to_channels_last(self) -> None:
+        """Keep 4-D parameters and buffers in channels-last memory (faster CPU convolutions).
+
+        Values, shapes and the flat update's order are unchanged.
+        """
+        with torch.no_grad():
+            for p in self.params.values():
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+        self._fparams = {k: v.detach() for k, v in self.params.items()}

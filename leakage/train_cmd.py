@@ -65,6 +65,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="L2 penalty (default 0; He et al. train resnet20 with --lr 0.1 "
         "--batch-size 128 --weight-decay 1e-4)",
     )
+    t.add_argument(
+        "--normalize",
+        default="dataset",
+        choices=("dataset", "none"),
+        help="input normalisation the victim carries: the training data's mean/std "
+        "(default) or none",
+    )
     t.add_argument("--seed", type=int, default=0, help="seed of weights, subset, batch order")
     t.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     t.add_argument("--out", required=True, metavar="PATH.pt", help="checkpoint file to write")
@@ -103,6 +110,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from fl_core import (
         build_model,
+        dataset_normalization,
         evaluate_accuracy,
         load_dataset,
         save_checkpoint,
@@ -137,6 +145,7 @@ def run_train(args: argparse.Namespace) -> int:
         num_classes=num_classes,
         in_shape=train.shape,
         activation=args.activation,
+        normalize=None if args.normalize == "none" else dataset_normalization(train_name, train),
         generator=generator,
     ).to(device)
     train_start = time.perf_counter()
@@ -171,6 +180,7 @@ def run_train(args: argparse.Namespace) -> int:
         "momentum": args.momentum,
         "weight_decay": args.weight_decay,
         "seed": args.seed,
+        "normalize": args.normalize,
         "device": str(device),
         "train_losses": losses,
         "accuracy": accuracy,

@@ -17,6 +17,11 @@ centres. With an activation that never switches off (sigmoid) every row is a
 mixture and the batch is not recovered; the attack still returns its best
 candidates, and the scores will say so.
 
+The layer reads the victim's *normalised* input when the victim carries an
+input normalisation (``ModelSpec.normalize``); the attack maps it back to
+pixels with the published mean and std, which the attacker knows from the
+architecture.
+
 A FedAvg delta after one local step is −η times the gradient, and the ratio
 cancels η; after several steps the rows mix the successive iterates and the
 result is an approximation.
@@ -138,8 +143,10 @@ class Analytic:
         labels = attack_labels(obs, self.label_strategy, generator=generator)
         finite = spread[torch.isfinite(spread)]
         loss = float(finite.mean()) if len(finite) else math.inf
+        mean, std = spec.mean_std  # (C, 1, 1): the layer saw (x - mean) / std
+        images = (x.double().view(n, *spec.in_shape) * std + mean).float()
         return Reconstruction(
-            images=x.view(n, *spec.in_shape).clamp(0, 1),
+            images=images.clamp(0, 1),
             labels=labels,
             loss=loss,
             restart_losses=[loss],

@@ -28,6 +28,8 @@ class Reconstruction:
         evaluations: objective evaluations (forward + double backward) over all restarts.
         stopped: why the kept restart stopped (``"converged"``, ``"steps"``,
             ``"non-finite"``).
+        options: the settings the solver ran with once defaults that depend on
+            the victim were resolved (empty where a solver has none).
     """
 
     images: torch.Tensor
@@ -39,6 +41,7 @@ class Reconstruction:
     total_steps: int = 0
     evaluations: int = 0
     stopped: str = "steps"
+    options: dict = field(default_factory=dict)
 
 
 class Attack(Protocol):

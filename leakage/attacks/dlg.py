@@ -47,7 +47,7 @@ from fl_core.types import Observation
 
 from ..optim import LBFGS, step_together
 from .base import ATTACKS, Reconstruction
-from .matching import SMALL_MODEL, OptimisationAttack, Setup, random_starts, setup
+from .matching import SMALL_MODEL, OptimisationAttack, Setup, random_starts, resolve_init, setup
 
 __all__ = ["DLG", "OBJECTIVE_SCALE", "SMALL_MODEL", "match_gradients"]
 
@@ -66,6 +66,7 @@ def match_gradients(
     max_iter: int = 20,
     lr: float = 1.0,
     init: str = "uniform",
+    coordinates: str = "pixel",
     tol: float = 1e-8,
     dtype: str = "auto",
     batched: bool = False,
@@ -116,7 +117,11 @@ def match_gradients(
     x0, y0 = random_starts(
         obs, restarts, init=init, learn_labels=labels is None, generator=generator
     )
-    problem = _Problem(st, labels)
+    if coordinates not in ("pixel", "normalized"):
+        raise ValueError(f"coordinates must be 'pixel' or 'normalized'; got {coordinates!r}")
+    problem = _Problem(st, labels, obs.model_spec if coordinates == "normalized" else None)
+    if resolve_init(init, obs.model_spec) == "uniform":  # pixel draws, optimised coordinates
+        x0 = problem.from_pixels(x0.to(st.dtype)).to(x0.dtype)
     runs = [problem.run(x0[r], None if y0 is None else y0[r], lr) for r in range(restarts)]
     groups = [list(range(restarts))] if batched else [[r] for r in range(restarts)]
     with (
@@ -168,7 +173,7 @@ class _Run:
 
     def images(self) -> torch.Tensor:
         p = self.problem
-        return self.good[: p.nx].view(p.x_shape).clamp(0, 1).float().cpu()
+        return p.to_pixels(self.good[: p.nx].view(p.x_shape)).clamp(0, 1).float().cpu()
 
     def labels(self) -> torch.Tensor:
         p = self.problem
@@ -207,9 +212,14 @@ class _Run:
 class _Problem:
     """Gradient matching for one observation: R restarts' objective, batched."""
 
-    def __init__(self, st: Setup, labels: torch.Tensor | None) -> None:
+    def __init__(self, st: Setup, labels: torch.Tensor | None, spec=None) -> None:
         self.st = st
         sim = st.sim
+        if spec is None:
+            self.mean = self.std = None
+        else:
+            mean, std = spec.mean_std  # (C, 1, 1)
+            self.mean, self.std = mean.to(st.device, st.dtype), std.to(st.device, st.dtype)
         spec_shape = (sim.num_samples, *sim.model.spec.in_shape)
         k = sim.model.spec.num_classes
         self.x_shape, self.y_shape = spec_shape, (sim.num_samples, k)
@@ -223,6 +233,13 @@ class _Problem:
         self.norm2 = max(float(sim.target.square().sum()), 1e-30)
         self.scale = OBJECTIVE_SCALE / self.norm2
 
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Optimised coordinates -> pixels."""
+        return x if self.mean is None else x * self.std.to(x) + self.mean.to(x)
+
+    def from_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.mean is None else (x - self.mean.to(x)) / self.std.to(x)
+
     def run(self, x0: torch.Tensor, y0: torch.Tensor | None, lr: float) -> _Run:
         parts = [x0.reshape(-1)] if y0 is None else [x0.reshape(-1), y0.reshape(-1)]
         z = torch.cat(parts).to(self.st.device, self.st.dtype)
@@ -232,7 +249,7 @@ class _Problem:
         """Scaled matching losses (k,) and their gradients (k, n) at k trial points (k, n)."""
         z = z.detach().requires_grad_(True)
         k = len(z)
-        x = z[:, : self.nx].view(k, *self.x_shape)
+        x = self.to_pixels(z[:, : self.nx].view(k, *self.x_shape))
         if self.fixed is None:
             y = z[:, self.nx :].view(k, *self.y_shape).softmax(-1)
         else:
@@ -293,6 +310,7 @@ class DLG(OptimisationAttack):
     max_iter: int = 20
     lr: float = 1.0
     init: str = "uniform"
+    coordinates: str = "pixel"
     tol: float = 1e-8
     dtype: str = "auto"
     label_strategy: str = "joint"

@@ -249,3 +249,26 @@ def test_image_data_validation_and_subset():
         ImageData(x[0], y, 3, list("abcd"))
     with pytest.raises(ValueError, match="indices"):
         ds.subset([0, 4])
+
+
+def test_dataset_normalization_published_converted_and_computed():
+    """CIFAR-10's statistics as breaching's CIFAR10.yaml gives them; photographs take
+    ImageNet's (torchvision); gray targets take the BT.709 mean; folders their own."""
+    from fl_core.data import NORMALIZATION, dataset_normalization, image_statistics
+
+    rgb = load_samples(count=2)
+    gray = load_samples(count=2, shape=(1, 32, 32))
+    assert dataset_normalization("cifar10", rgb)[0][0] == pytest.approx(0.4914672374725342)
+    assert dataset_normalization("samples", rgb) == NORMALIZATION["imagenet"]
+    assert dataset_normalization(None, rgb) == NORMALIZATION["imagenet"]
+    mean, std = dataset_normalization("samples", gray)
+    assert mean[0] == pytest.approx(0.2125 * 0.485 + 0.7154 * 0.456 + 0.0721 * 0.406)
+    assert dataset_normalization("mnist", rgb) == ((0.1307,) * 3, (0.3081,) * 3)
+    x = torch.zeros(2, 3, 2, 2)
+    x[:, 0] = 1.0
+    x[0, 1] = 1.0
+    m, s = image_statistics(x)
+    assert m == pytest.approx((1.0, 0.5, 0.0)) and s[1] == pytest.approx(0.5)
+    assert dataset_normalization(
+        "some/folder", ImageData(x, torch.zeros(2, dtype=torch.int64), 1, ("a", "b"))
+    )[0] == pytest.approx((1.0, 0.5, 0.0))

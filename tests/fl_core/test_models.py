@@ -449,3 +449,73 @@ def test_model_spec_is_hashable():
     assert hash(spec) == hash(ModelSpec("lenet", 10, (3, 32, 32), "sigmoid"))
     stem = build_model("resnet18", cifar_stem=True).spec
     assert stem.options == (("cifar_stem", True),) and {stem: 1}[stem] == 1
+
+
+# ---------------------------------------------------------------- input normalisation, ReLU init
+
+CIFAR = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+@pytest.mark.parametrize("name", ["lenet", "cnn", "resnet18", "resnet20", "mlp"])
+def test_normalisation_is_the_first_layer_and_adds_no_state(name):
+    """A normalising victim on pixels equals the same weights on (x - mean) / std."""
+    plain = build_model(name, generator=_gen(0)).eval()
+    normed = build_model(name, normalize=CIFAR, generator=_gen(0)).eval()
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in normed.named_parameters()]
+    assert plain.state_dict().keys() == normed.state_dict().keys()
+    assert len(list(plain.buffers())) == len(list(normed.buffers()))
+    x = torch.rand(2, 3, 32, 32, generator=_gen(1))
+    mean = torch.tensor(CIFAR[0]).view(3, 1, 1)
+    std = torch.tensor(CIFAR[1]).view(3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(normed(x), plain((x - mean) / std), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            normed.double()(x.double()), plain.double()((x.double() - mean) / std)
+        )
+    assert normed.spec.normalize == (CIFAR[0], CIFAR[1])
+    rebuilt = ModelSpec(**{**normed.spec.__dict__}).build()
+    assert rebuilt.spec == normed.spec and rebuilt.input_norm.mean == CIFAR[0]
+
+
+def test_normalisation_spec_round_trips_through_a_dict_and_a_checkpoint(tmp_path):
+    from fl_core import load_checkpoint, save_checkpoint
+
+    model = build_model("resnet20", normalize=CIFAR, generator=_gen(0))
+    d = model.spec.to_dict()
+    assert d["normalize"] == {"mean": list(CIFAR[0]), "std": list(CIFAR[1])}
+    assert "normalize" not in build_model("resnet20").spec.to_dict()  # old dicts unchanged
+    assert ModelSpec.normalize_from_dict(d["normalize"]) == (CIFAR[0], CIFAR[1])
+    save_checkpoint(model, tmp_path / "v.pt", meta={})
+    loaded, _ = load_checkpoint(tmp_path / "v.pt")
+    assert loaded.spec == model.spec
+
+
+@pytest.mark.parametrize(
+    "normalize, fragment",
+    [
+        (((0.5,), (0.5,)), "1 means and 1 stds for 3"),
+        (((0.5, 0.5, 0.5), (0.2, 0.0, 0.2)), "positive stds"),
+        ((0.5, 0.2), "one value per channel"),
+    ],
+)
+def test_bad_normalisation_raises(normalize, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        build_model("lenet", normalize=normalize)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu", "silu"])
+def test_lenet_off_sigmoid_uses_pytorch_default_init_and_is_not_saturated(activation):
+    """U(-0.5, 0.5) weights under ReLU give logits of std ~50 (softmax saturated, the
+    cross-entropy exactly 0 in float32); PyTorch's default keeps them O(0.1)."""
+    model = build_model("lenet", activation=activation, generator=_gen(0))
+    for layer in _modules(model, nn.Conv2d) + _modules(model, nn.Linear):
+        assert float(layer.weight.detach().abs().max()) <= 1 / math.sqrt(layer.weight[0].numel())
+    with torch.no_grad():
+        logits = model(torch.rand(64, 3, 32, 32, generator=_gen(1)))
+    assert float(logits.std()) < 1.0
+    paper = build_model("lenet", activation="relu", generator=_gen(0))
+    for p in paper.parameters():  # the paper's init for comparison: saturating
+        with torch.no_grad():
+            p.uniform_(-0.5, 0.5, generator=_gen(2))
+    with torch.no_grad():
+        assert float(paper(torch.rand(64, 3, 32, 32, generator=_gen(1))).std()) > 10

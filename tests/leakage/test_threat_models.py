@@ -175,3 +175,57 @@ def test_batched_restarts_give_the_sequential_result(data):
         assert rb.restart_losses.index(rb.loss) == rs.restart_losses.index(rs.loss)
         torch.testing.assert_close(rb.images, rs.images, rtol=0, atol=1e-3)
         assert len(set(rb.restart_losses)) == 3  # the restarts really started apart
+
+
+@pytest.mark.parametrize(
+    "name, training",
+    [
+        ("resnet20", LocalTraining("fedsgd", bn_mode="eval")),
+        ("resnet18", LocalTraining("fedavg", local_steps=2, lr=0.05, bn_mode="eval")),
+        ("resnet20", LocalTraining("fedsgd", bn_mode="train")),
+    ],
+)
+def test_simulation_follows_the_bn_mode_and_the_input_normalisation(data, name, training):
+    """BatchNorm mode and input normalisation are part of what the attacker simulates:
+    on the true data a normalising victim's update is reproduced in either mode, and the
+    simulation in the other mode is a different update (batch vs running statistics)."""
+    from fl_core.data import NORMALIZATION
+
+    model = build_model(
+        name, normalize=NORMALIZATION["cifar10"], generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():  # running statistics that differ from a batch's own
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(1))
+                m.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(2))
+    (obs,), truth = run_round(
+        model, [Client(0, data.images[:3], data.labels[:3], training=training)]
+    )
+    assert obs.protocol.train_mode == (training.bn_mode == "train")
+    assert obs.model().training == (training.bn_mode == "train")
+    # float32 like the client: in float64 a few ReLU units of this deep random net sit
+    # close enough to their kink to flip, which moves the gradient by ~1e-3
+    x, y = truth[0].images, F.one_hot(truth[0].labels, 10).float()
+    sim = UpdateSimulator(obs, dtype=torch.float32)
+    u = sim(x[None], y[None])[0].detach()
+    assert float((u - sim.target).norm() / sim.target.norm()) < 1e-4
+    from dataclasses import replace
+
+    flipped = replace(obs, protocol=replace(obs.protocol, train_mode=not obs.protocol.train_mode))
+    other = UpdateSimulator(flipped, dtype=torch.float32)
+    v = other(x[None], y[None])[0].detach()
+    assert float((v - sim.target).norm() / sim.target.norm()) > 1e-3
+
+
+def test_eval_mode_client_leaves_running_statistics_alone(data):
+    from fl_core.client import float_buffers
+
+    model = build_model("resnet20", generator=torch.Generator().manual_seed(0))
+    before = [b.clone() for b in float_buffers(model)]
+    client = Client(0, data.images[:2], data.labels[:2], training=LocalTraining(bn_mode="eval"))
+    update, _ = client.compute_update(model, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(before, update.buffers))
+    train = Client(0, data.images[:2], data.labels[:2])
+    update, _ = train.compute_update(model, generator=torch.Generator().manual_seed(0))
+    assert not all(torch.equal(a, b) for a, b in zip(before, update.buffers))
