@@ -117,8 +117,12 @@ def match_gradients(
     x0, y0 = random_starts(
         obs, restarts, init=init, learn_labels=labels is None, generator=generator
     )
-    if coordinates not in ("pixel", "normalized"):
-        raise ValueError(f"coordinates must be 'pixel' or 'normalized'; got {coordinates!r}")
+    if coordinates not in ("auto", "pixel", "normalized"):
+        raise ValueError(
+            f"coordinates must be 'auto', 'pixel' or 'normalized'; got {coordinates!r}"
+        )
+    if coordinates == "auto":
+        coordinates = "normalized" if obs.model_spec.normalize else "pixel"
     problem = _Problem(st, labels, obs.model_spec if coordinates == "normalized" else None)
     if resolve_init(init, obs.model_spec) == "uniform":  # pixel draws, optimised coordinates
         x0 = problem.from_pixels(x0.to(st.dtype)).to(x0.dtype)
