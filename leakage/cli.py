@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--normalize",
         default=S,
-        help="victim input normalisation: dataset (its mean/std, default) or none",
+        help="victim input normalisation: dataset (its mean/std), none, or auto "
+        "(default: none for DLG's sigmoid LeNet, as in its paper; dataset otherwise)",
     )
     a.add_argument(
         "--bn-mode",

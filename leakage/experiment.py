@@ -51,7 +51,7 @@ __all__ = [
     "victim_normalization",
 ]
 
-NORMALIZE_CHOICES = ("dataset", "none")
+NORMALIZE_CHOICES = ("auto", "dataset", "none")
 BN_MODES = ("train", "eval")
 
 
@@ -93,11 +93,14 @@ class AttackConfig:
         checkpoint: a victim saved by ``leakage train``; its architecture
             (input normalisation included) replaces ``model``, ``activation``,
             ``num_classes`` and ``normalize``.
-        normalize: the victim's input normalisation: ``dataset`` (the default:
-            ``(x - mean) / std`` with the dataset's published statistics,
+        normalize: the victim's input normalisation: ``dataset``
+            (``(x - mean) / std`` with the dataset's published statistics,
             ImageNet's for the photographs and image files, a folder's own
-            statistics, see :func:`fl_core.data.dataset_normalization`) or
-            ``none`` (pixels in [0, 1] go in as they are, as in DLG's code).
+            statistics, see :func:`fl_core.data.dataset_normalization`),
+            ``none`` (pixels in [0, 1] go in as they are, as in DLG's code) or
+            ``auto`` (the default: ``none`` for DLG's victim, the sigmoid
+            LeNet, whose paper feeds it raw pixels, ``dataset`` for every
+            other victim).
         bn_mode: how the client runs BatchNorm: ``train`` (the default, what
             FL clients do: batch statistics) or ``eval`` (the global model's
             running statistics, the setting of the gradient-inversion papers).
@@ -141,7 +144,7 @@ class AttackConfig:
     tv: float | None = None
     defenses: tuple[Any, ...] = ()
     precision: str = "auto"
-    normalize: str = "dataset"
+    normalize: str = "auto"
     bn_mode: str = "train"
     seed: int = 0
     device: str = "cpu"
@@ -342,9 +345,16 @@ def _target_batch(cfg: AttackConfig) -> tuple[ImageData, tuple | None]:
 def victim_normalization(cfg: AttackConfig, dataset: str | None, data: ImageData):
     """``(mean, std)`` for a victim of ``cfg`` trained on ``dataset`` (``None``: image
     files), or ``None`` when ``cfg.normalize`` is ``none``."""
-    if cfg.normalize == "none":
+    if cfg.normalize == "none" or (cfg.normalize == "auto" and dlg_victim(cfg)):
         return None
     return dataset_normalization(dataset, data)
+
+
+def dlg_victim(cfg: AttackConfig) -> bool:
+    """Whether the config's victim is the DLG paper's: LeNet with sigmoids (Zhu et al.
+    2019 feed it ``ToTensor()`` pixels, no normalisation; its U(-0.5, 0.5) weights are
+    kept too, see :mod:`fl_core.models`)."""
+    return cfg.model == "lenet" and (cfg.activation or "sigmoid") == "sigmoid"
 
 
 def package_versions() -> dict[str, str]:

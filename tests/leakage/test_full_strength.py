@@ -214,6 +214,22 @@ def test_cli_records_bn_mode_and_normalisation(tmp_path, capsys):
     assert "normalize" not in json.loads((out2 / "results.json").read_text())["victim"]
 
 
+def test_auto_normalisation_keeps_dlgs_victim_raw():
+    """DLG's LeNet (sigmoid) takes raw pixels, as in Zhu et al.'s code; other victims, and the
+    same LeNet with ReLU, carry the data's normalisation unless told otherwise."""
+    from fl_core import load_samples as samples
+    from leakage.experiment import AttackConfig, victim_normalization
+
+    data = samples(count=1)
+    assert victim_normalization(AttackConfig(), "samples", data) is None
+    relu = AttackConfig(activation="relu")
+    assert victim_normalization(relu, "samples", data) == NORMALIZATION["imagenet"]
+    forced = AttackConfig(normalize="dataset")
+    assert victim_normalization(forced, "samples", data) == NORMALIZATION["imagenet"]
+    cnn = AttackConfig(model="cnn", normalize="none")
+    assert victim_normalization(cnn, "samples", data) is None
+
+
 @pytest.mark.parametrize("flag, value", [("--bn-mode", "test"), ("--normalize", "imagenet")])
 def test_cli_rejects_bad_modes_in_one_line(flag, value, tmp_path, capsys):
     code = main(["attack", flag, value, "--quiet", "--out", str(tmp_path / "x")])
