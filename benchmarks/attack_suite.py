@@ -4,7 +4,8 @@ Every cell attacks one batch (random images of the CIFAR-10 test split, or the
 embedded photographs) and scores the reconstruction: PSNR and SSIM after
 Hungarian matching, label-set and label-count accuracy, wall seconds of the
 attack. Victims (``VICTIMS``) carry their data's input normalisation, as
-deployed models do; they are fresh seeded ones (``-trained``: checkpoints of
+deployed models do (``-raw``: DLG's LeNet as its paper feeds it, raw pixels);
+they are fresh seeded ones (``-trained``: checkpoints of
 ``leakage train`` on CIFAR-10, see ``TRAINING``), and the client computes its
 update with BatchNorm in train mode (``-eval``: eval mode, running statistics).
 The attacks run with their defaults (IG's tuned per victim family) and the
@@ -56,6 +57,7 @@ from leakage.store import load_records
 from leakage.sweep import ScriptFunction, add_parallel_args, parallel_options, run_cells
 
 VICTIMS = {  # name -> (model, activation, BatchNorm mode, trained)
+    "lenet-sigmoid-raw": ("lenet", "sigmoid", "train", False),  # DLG's: no normalisation
     "lenet-sigmoid": ("lenet", "sigmoid", "train", False),
     "lenet-relu": ("lenet", "relu", "train", False),
     "cnn": ("cnn", "sigmoid", "train", False),
@@ -169,7 +171,7 @@ def victim_model(victim: str, data, dataset_name: str, seed: int, out: Path):
         num_classes=10,
         in_shape=data.shape,
         activation=act,
-        normalize=dataset_normalization(dataset_name, data),
+        normalize=None if victim.endswith("-raw") else dataset_normalization(dataset_name, data),
         generator=torch.Generator().manual_seed(seed),
     )
 
