@@ -459,6 +459,7 @@ def _solve(
     step = _objective(st, space, fixed, tv, r, compile)
     with torch.enable_grad():
         _warn_if_vanished(sim(space.to_pixels(z.detach()), targets(y_logits)).detach())
+    keep_shape = (-1, *([1] * (z.dim() - 1)))
     done = 0
     for it in range(steps):
         value, grads = step(z, y_logits)  # (R,), one gradient per variable
@@ -469,11 +470,11 @@ def _solve(
                 shape = (-1, *([1] * (g.dim() - 1)))
                 v.grad = torch.where(alive.view(shape), g, 0.0)  # a dead restart gets no step
             if keep_best:
-                better = alive & (value < best)
-                best = torch.where(better, value, best)
-                best_z = torch.where(better.view(-1, *([1] * (z.dim() - 1))), z.detach(), best_z)
+                better = alive & (value < best)  # in place: no new buffers per iteration
+                torch.where(better, value, best, out=best)
+                torch.where(better.view(keep_shape), z.detach(), best_z, out=best_z)
                 if best_y is not None:
-                    best_y = torch.where(better[:, None, None], y_logits.detach(), best_y)
+                    torch.where(better[:, None, None], y_logits.detach(), best_y, out=best_y)
         history[it] = value
         opt.step()
         if sched is not None:
