@@ -1,13 +1,16 @@
 """How the optimisation attacks' defaults were chosen: a sweep on development images,
 a report on test images.
 
-Development set: CIFAR-10 *training* images (a seeded random draw per
-victim). Test set: CIFAR-10 *test* images. The two never overlap, so the
-reported numbers are not tuned on the images they are measured on.
+Development set: the victim's dataset's *training* images (a seeded random
+draw per victim). Test set: its *test* images. The two never overlap, so the
+reported numbers are not tuned on the images they are measured on. Victims
+attack CIFAR-10 unless their name starts with ``fmnist-`` (Fashion-MNIST,
+1x28x28 grayscale).
 
 Every run attacks one image (batch 1) of one untrained victim (seeded weights,
-CIFAR-10 input normalisation) through one FedSGD round, with the lab's label
-recovery (``auto``: iDLG's rule at batch 1), at a fixed iteration budget
+the dataset's input normalisation, or none for ``-raw`` victims, which see
+[0, 1] pixels as DLG's LeNet does) through one FedSGD round, with the lab's
+label recovery (``auto``: iDLG's rule at batch 1), at a fixed iteration budget
 (``--steps``, default 1,000), and is scored in pixel space. Threat model:
 honest-but-curious server, one client's gradient.
 
@@ -16,8 +19,9 @@ base of the next).
 
 ``--attack ig`` (inverting gradients):
 
-1. ``space``: optimised coordinates (normalised or pixel) x start (N(0, 1) in
-   those coordinates, or U[0, 1] pixels), at TV 1e-2 and step size 0.1;
+1. ``space``: optimised coordinates (normalised or pixel; one and the same
+   for ``-raw`` victims, which run pixel only) x start (N(0, 1) in those
+   coordinates, or U[0, 1] pixels), at TV 1e-2 and step size 0.1;
 2. ``tv_lr``: TV weight x step size;
 3. ``loop``: step schedule (the paper's step decay, cosine, constant) x
    keep-best-iterate on/off.
@@ -60,23 +64,50 @@ from leakage.attacks import DLG, InvertingGradients  # noqa: E402
 from leakage.experiment import AttackConfig, observe  # noqa: E402
 from leakage.store import append_record, load_records  # noqa: E402
 
-VICTIMS = {  # name -> (model, activation, BatchNorm mode, input normalisation)
-    "lenet-sigmoid": ("lenet", "sigmoid", "train", True),
-    "lenet-sigmoid-raw": ("lenet", "sigmoid", "train", False),
-    "lenet-relu": ("lenet", "relu", "train", True),
-    "cnn": ("cnn", "sigmoid", "train", True),
-    "resnet20-eval": ("resnet20", "relu", "eval", True),
-    "resnet20-train": ("resnet20", "relu", "train", True),
+VICTIMS = {  # name -> (dataset, model, activation, BatchNorm mode, input normalisation)
+    "lenet-sigmoid": ("cifar10", "lenet", "sigmoid", "train", True),
+    "lenet-sigmoid-raw": ("cifar10", "lenet", "sigmoid", "train", False),
+    "lenet-relu": ("cifar10", "lenet", "relu", "train", True),
+    "lenet-relu-raw": ("cifar10", "lenet", "relu", "train", False),
+    "cnn": ("cifar10", "cnn", "sigmoid", "train", True),
+    "resnet20-eval": ("cifar10", "resnet20", "relu", "eval", True),
+    "resnet20-train": ("cifar10", "resnet20", "relu", "train", True),
+    "fmnist-lenet-sigmoid": ("fashion-mnist", "lenet", "sigmoid", "train", True),
+    "fmnist-lenet-sigmoid-raw": ("fashion-mnist", "lenet", "sigmoid", "train", False),
 }
 ATTACK_VICTIMS = {
-    "ig": ["lenet-sigmoid", "lenet-relu", "cnn", "resnet20-eval", "resnet20-train"],
+    "ig": [
+        "lenet-sigmoid",
+        "lenet-relu",
+        "cnn",
+        "resnet20-eval",
+        "resnet20-train",
+        "lenet-sigmoid-raw",
+        "lenet-relu-raw",
+        "fmnist-lenet-sigmoid",
+        "fmnist-lenet-sigmoid-raw",
+    ],
     "dlg": ["lenet-sigmoid", "lenet-sigmoid-raw"],
 }
-PREVIOUS = {
-    "ig": {"coordinates": "pixel", "init": "uniform", "tv": 1e-4, "lr": 0.1, "keep_best": False},
+PREVIOUS = {  # every option explicit: a missing one would take the victim's tuned value
+    "ig": {
+        "coordinates": "pixel",
+        "init": "uniform",
+        "tv": 1e-4,
+        "lr": 0.1,
+        "schedule": "step",
+        "keep_best": False,
+    },
     "dlg": {"coordinates": "pixel", "init": "uniform", "restarts": 4, "steps": 300},
 }
-BREACHING = {"coordinates": "normalized", "init": "randn", "tv": 0.2, "lr": 0.1, "keep_best": True}
+BREACHING = {  # breaching's invertinggradients.yaml; step-lr: x0.1 at 3/8, 5/8, 7/8
+    "coordinates": "normalized",
+    "init": "randn",
+    "tv": 0.2,
+    "lr": 0.1,
+    "schedule": "step",
+    "keep_best": True,
+}
 IG_STAGES = {
     "space": [
         {"coordinates": c, "init": i, "tv": 1e-2, "lr": 0.1}
@@ -103,26 +134,29 @@ DLG_STAGES = {
 }
 STAGES = {"ig": IG_STAGES, "dlg": DLG_STAGES}
 
-_DATA: dict[bool, object] = {}
+_DATA: dict[tuple[str, bool], object] = {}
 
 
-def images(root: str, train: bool, count: int, seed: int):
-    """``count`` seeded random images of CIFAR-10's training (dev) or test split."""
-    if train not in _DATA:
-        _DATA[train] = load_dataset(
-            str(Path(root) / "cifar10" / ("train" if train else "test")), limit=5000, seed=1
-        )
-    data = _DATA[train]
+def images(root: str, dataset: str, train: bool, count: int, seed: int):
+    """``count`` seeded random images of ``dataset``'s training (dev) or test split."""
+    if (dataset, train) not in _DATA:
+        if dataset == "cifar10":  # the class-folder copy
+            name, kw = str(Path(root) / "cifar10" / ("train" if train else "test")), {}
+        else:  # a torchvision dataset under root
+            name, kw = dataset, dict(root=root, train=train)
+        _DATA[dataset, train] = load_dataset(name, limit=5000, seed=1, **kw)
+    data = _DATA[dataset, train]
     g = torch.Generator().manual_seed(seed)
     return data.subset(torch.randperm(len(data), generator=g)[:count].tolist())
 
 
 def run(attack_name: str, victim: str, image, index: int, options: dict, steps: int, seed: int):
-    model, act, bn_mode, normalized = VICTIMS[victim]
+    dataset, model, act, bn_mode, normalized = VICTIMS[victim]
     m = build_model(
         model,
+        in_shape=tuple(image.shape),
         activation=act,
-        normalize=NORMALIZATION["cifar10"] if normalized else None,
+        normalize=NORMALIZATION[dataset] if normalized else None,
         generator=torch.Generator().manual_seed(seed + index),
     )
     obs, gt = observe(AttackConfig(bn_mode=bn_mode), m, image)
@@ -164,7 +198,7 @@ class Sweep:
     def measure(self, victim: str, split: str, options: dict) -> list[dict]:
         a = self.args
         count = a.dev_images if split == "dev" else a.test_images
-        batch = images(a.data_root, split == "dev", count, seed=a.seed)
+        batch = images(a.data_root, VICTIMS[victim][0], split == "dev", count, seed=a.seed)
         out = []
         for i in range(count):
             r = {"victim": victim, "split": split, "index": i, "options": options, "steps": a.steps}
@@ -188,6 +222,8 @@ class Sweep:
         for stage in self.stages.values():
             scored = []
             for change in stage:
+                if not VICTIMS[victim][4] and change.get("coordinates") == "normalized":
+                    continue  # without input normalisation the two coordinates coincide
                 options = {**chosen, **change}
                 rs = self.measure(victim, "dev", options)
                 scored.append((statistics.fmean(r["psnr"] for r in rs), options))
@@ -216,11 +252,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data-root", default="../shared/datasets", help="holds cifar10/{train,test}")
+    p.add_argument(
+        "--data-root",
+        default="../shared/datasets",
+        help="holds cifar10/{train,test} and torchvision's FashionMNIST",
+    )
     p.add_argument("--attack", default="ig", choices=sorted(STAGES))
     p.add_argument("--victims", nargs="+", default=None, help="default: the attack's")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--dev-images", type=int, default=6)
+    p.add_argument("--dev-images", type=int, default=5)
     p.add_argument("--test-images", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-report", action="store_true", help="the development sweep only")
@@ -238,12 +278,12 @@ def main(argv=None) -> int:
     budget = f"{args.steps} iterations" if args.attack == "ig" else "budget per setting"
     labels = "recovered by the attack (iDLG's rule)" if args.attack == "ig" else "learned jointly"
     lines = [
-        f"# {args.attack}: tuning on CIFAR-10 training images, report on test images "
-        f"({budget}, batch 1)",
+        f"# {args.attack}: tuning on training images, report on test images ({budget}, batch 1)",
         "",
         "Threat model: honest-but-curious server, one client's FedSGD gradient; untrained "
-        "victims with CIFAR-10 input normalisation (`-raw`: without); BatchNorm mode in the "
-        f"victim's name (train otherwise); labels {labels}. Command: `python "
+        "victims on CIFAR-10 (`fmnist-`: Fashion-MNIST) with the dataset's input "
+        "normalisation (`-raw`: without); BatchNorm mode in the victim's name (train "
+        f"otherwise); labels {labels}. Command: `python "
         f"benchmarks/tuning.py --attack {args.attack} --steps {args.steps} --dev-images "
         f"{args.dev_images} --test-images {args.test_images}`.",
         "",

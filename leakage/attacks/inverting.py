@@ -27,10 +27,13 @@ Where the lab departs from the paper's code, and why:
 
 * defaults (coordinates, start, TV weight, step size, schedule, keep-best)
   are per victim family (:data:`TUNED`), chosen by the staged sweep in
-  ``benchmarks/tuning.py`` on CIFAR-10 *training* images and reported on test
-  images (``benchmarks/results/tuning/ig/``); one setting did not fit all:
-  the ResNets in train-mode BatchNorm want small steps in normalised
-  coordinates, in eval mode large steps in pixels, and the sigmoid CNN no TV;
+  ``benchmarks/tuning.py`` on *training* images (CIFAR-10; Fashion-MNIST for
+  grayscale LeNets) and reported on test images
+  (``benchmarks/results/tuning/ig/``); one setting did not fit all: the
+  ResNets in train-mode BatchNorm want small steps in normalised
+  coordinates, in eval mode large steps in pixels, the sigmoid CNN no TV,
+  raw-pixel LeNets small steps in pixels, and grayscale LeNets (dark
+  backgrounds) little or no TV;
 * ``keep_best``: each restart returns the iterate with the lowest objective
   seen, not the last one (breaching does the same; its check pairs the
   objective of one iterate with the next iterate, the lab's with the iterate
@@ -82,9 +85,9 @@ COMPILE_STEPS = 1000
 
 TUNED: dict[str, dict] = {
     # victim family -> the setting the development sweep chose for it
-    # (benchmarks/tuning.py, 1,000 iterations, batch 1, CIFAR-10-normalised
-    # victims; results and test-set numbers in
-    # benchmarks/results/tuning/ig/summary.md).
+    # (benchmarks/tuning.py, 1,000 iterations, batch 1, CIFAR-10 victims with
+    # input normalisation unless "-raw", Fashion-MNIST for "-gray"; results and
+    # test-set numbers in benchmarks/results/tuning/ig/summary.md).
     "lenet-sigmoid": dict(
         coordinates="normalized", init="uniform", lr=0.3, tv=0.1, schedule="cosine", keep_best=False
     ),
@@ -105,6 +108,22 @@ TUNED: dict[str, dict] = {
     "resnet-eval": dict(
         coordinates="pixel", init="uniform", lr=0.3, tv=0.03, schedule="step", keep_best=True
     ),
+    # Victims without input normalisation ([0, 1] pixels, as DLG's LeNet) and
+    # grayscale ones (swept on Fashion-MNIST, 1x28x28) want their own settings:
+    # the CIFAR-10-normalised ones carried to pixel units lost 16.7 dB on raw
+    # Fashion-MNIST (privacy-utility sweep, ig-carried-settings/).
+    "lenet-sigmoid-raw": dict(
+        coordinates="pixel", init="uniform", lr=0.03, tv=0.03, schedule="step", keep_best=False
+    ),
+    "lenet-raw": dict(
+        coordinates="pixel", init="uniform", lr=0.03, tv=0.1, schedule="cosine", keep_best=True
+    ),
+    "lenet-gray": dict(
+        coordinates="pixel", init="uniform", lr=0.03, tv=0.0, schedule="step", keep_best=False
+    ),
+    "lenet-gray-raw": dict(
+        coordinates="pixel", init="randn", lr=0.03, tv=0.001, schedule="step", keep_best=True
+    ),
     # Not swept: sigmoid ResNets keep the lab's earlier pixel-space loop, which
     # the swept ReLU settings do not beat there (astronaut, ResNet-18, train
     # BatchNorm, 100 iterations: 17.1 dB against 11.4 with resnet-train's).
@@ -119,32 +138,40 @@ FALLBACK = dict(
 """Defaults for victims the sweep did not cover (the MLP): the paper's loop
 (normalised coordinates, step schedule, lr 0.1) with a moderate TV weight."""
 RAW = dict(coordinates="pixel", init="uniform", lr=0.1, tv=1e-4, schedule="step", keep_best=False)
-"""Defaults for victims without input normalisation: the lab's earlier pixel-space
-loop. The sweep tuned normalised victims only; carried to pixel units (step x 0.25,
-TV / 0.25) the LeNet settings gained 1.9 dB on raw CIFAR-10 but lost 16.7 dB on raw
-Fashion-MNIST (privacy-utility sweep, undefended point,
-benchmarks/results/privacy_utility/ig-carried-settings/), so raw victims keep the
-loop that is not known to fail."""
+"""Defaults for victims without input normalisation whose family was tuned in
+normalised coordinates only (the MLP, ReLU ResNets in train mode): the lab's
+earlier pixel-space loop, not known to fail on raw victims. The raw LeNets have
+their own swept settings."""
 
 
 def tuned_options(spec, train_mode: bool) -> tuple[str, dict]:
     """``(family, options)``: the tuned IG defaults for a victim.
 
-    Families: the sigmoid LeNet; any other LeNet (ReLU, tanh...); the small CNN;
-    the non-sigmoid ResNets (ResNet-20 was swept; ResNet-18 takes its setting)
-    in train or eval BatchNorm mode, which change what the gradient shows
-    enough to need different settings; the sigmoid ResNets; everything else
-    gets :data:`FALLBACK`.
+    Families: the sigmoid LeNet; any other LeNet (ReLU, tanh...); each of
+    them without input normalisation (``-raw``); grayscale LeNets of any
+    activation (``lenet-gray``, swept on the sigmoid one on Fashion-MNIST), with
+    and without normalisation; the small CNN; the non-sigmoid ResNets
+    (ResNet-20 was swept; ResNet-18 takes its setting) in train or eval
+    BatchNorm mode, which change what the gradient shows enough to need
+    different settings; the sigmoid ResNets; everything else gets
+    :data:`FALLBACK`.
 
-    The settings were tuned on victims that normalise their input; a victim
-    without input normalisation gets :data:`RAW` (family ``"raw"``) unless
-    its family's setting is already in pixel space (the CNN, the eval-mode and
-    sigmoid ResNets).
+    The CNN and ResNet settings were tuned on CIFAR-10-normalised RGB victims;
+    a victim of theirs without input normalisation gets :data:`RAW` (family
+    ``"raw"``) unless its family's setting is already in pixel space (the CNN,
+    the eval-mode and sigmoid ResNets), and a grayscale one takes the RGB
+    setting (not swept).
     """
     activation = spec.activation or "sigmoid"
+    raw = spec.normalize is None
     if spec.name == "lenet":
-        family = "lenet-sigmoid" if activation == "sigmoid" else "lenet"
-    elif spec.name == "cnn":
+        if spec.in_shape[0] == 1:
+            family = "lenet-gray"
+        else:
+            family = "lenet-sigmoid" if activation == "sigmoid" else "lenet"
+        family += "-raw" if raw else ""
+        return family, dict(TUNED[family])
+    if spec.name == "cnn":
         family = "cnn"
     elif spec.name.startswith("resnet"):
         if activation == "sigmoid":
@@ -154,7 +181,7 @@ def tuned_options(spec, train_mode: bool) -> tuple[str, dict]:
     else:
         family = "fallback"
     options = dict(TUNED.get(family, FALLBACK))
-    if spec.normalize is None and options["coordinates"] == "normalized":
+    if raw and options["coordinates"] == "normalized":
         return "raw", dict(RAW)
     return family, options
 

@@ -121,20 +121,22 @@ def test_normalised_coordinates_box_and_pixel_output():
 
 
 @pytest.mark.parametrize(
-    "model, activation, bn_mode, family",
+    "model, activation, bn_mode, family, raw_family",
     [
-        ("lenet", "sigmoid", "train", "lenet-sigmoid"),
-        ("lenet", "relu", "train", "lenet"),
-        ("cnn", "sigmoid", "train", "cnn"),
-        ("resnet20", "relu", "train", "resnet-train"),
-        ("resnet20", "relu", "eval", "resnet-eval"),
-        ("resnet18", "sigmoid", "eval", "resnet-sigmoid"),
-        ("mlp", "relu", "train", "fallback"),
+        ("lenet", "sigmoid", "train", "lenet-sigmoid", "lenet-sigmoid-raw"),
+        ("lenet", "relu", "train", "lenet", "lenet-raw"),
+        ("cnn", "sigmoid", "train", "cnn", "cnn"),
+        ("resnet20", "relu", "train", "resnet-train", "raw"),
+        ("resnet20", "relu", "eval", "resnet-eval", "resnet-eval"),
+        ("resnet18", "sigmoid", "eval", "resnet-sigmoid", "resnet-sigmoid"),
+        ("mlp", "relu", "train", "fallback", "raw"),
     ],
 )
-def test_ig_defaults_follow_the_victim_family(model, activation, bn_mode, family):
+def test_ig_defaults_follow_the_victim_family(model, activation, bn_mode, family, raw_family):
     """Per-victim defaults (benchmarks/results/tuning/ig/summary.md): the solver reports
-    the family it resolved and the values it ran with; explicit options win."""
+    the family it resolved and the values it ran with; explicit options win. Without
+    input normalisation the LeNets have swept settings of their own, the others keep a
+    pixel-space setting as it is and fall back to the earlier loop otherwise."""
     from leakage.attacks.inverting import FALLBACK, RAW, TUNED, tuned_options
 
     m = build_model(model, activation=activation, normalize=CIFAR, in_shape=(3, 32, 32))
@@ -144,10 +146,25 @@ def test_ig_defaults_follow_the_victim_family(model, activation, bn_mode, family
     assert options == TUNED.get(family, FALLBACK)
     raw = build_model(model, activation=activation, in_shape=(3, 32, 32))
     got_raw, raw_options = tuned_options(raw.spec, train)
-    if options["coordinates"] == "normalized":  # tuned on normalised victims only
-        assert (got_raw, raw_options) == ("raw", RAW)
-    else:  # a pixel-space setting applies as it is
-        assert (got_raw, raw_options) == (family, options)
+    assert got_raw == raw_family
+    assert raw_options == (RAW if raw_family == "raw" else TUNED[raw_family])
+    assert raw_options["coordinates"] == "pixel"  # nothing to normalise
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+def test_grayscale_lenets_take_the_fashion_mnist_setting(activation):
+    from fl_core.data import NORMALIZATION
+    from leakage.attacks.inverting import TUNED, tuned_options
+
+    gray = build_model("lenet", activation=activation, in_shape=(1, 28, 28))
+    assert tuned_options(gray.spec, True) == ("lenet-gray-raw", TUNED["lenet-gray-raw"])
+    norm = build_model(
+        "lenet",
+        activation=activation,
+        in_shape=(1, 28, 28),
+        normalize=NORMALIZATION["fashion-mnist"],
+    )
+    assert tuned_options(norm.spec, True) == ("lenet-gray", TUNED["lenet-gray"])
 
 
 def test_ig_result_records_the_resolved_options():
