@@ -54,7 +54,13 @@ from leakage import ATTACKS, score_images
 from leakage.experiment import AttackConfig, observe
 from leakage.metrics import label_count_accuracy, label_set_accuracy
 from leakage.store import load_records
-from leakage.sweep import ScriptFunction, add_parallel_args, parallel_options, run_cells
+from leakage.sweep import (
+    ScriptFunction,
+    add_parallel_args,
+    check_parallel,
+    parallel_options,
+    run_cells,
+)
 
 VICTIMS = {  # name -> (model, activation, BatchNorm mode, trained)
     "lenet-sigmoid-raw": ("lenet", "sigmoid", "train", False),  # DLG's: no normalisation
@@ -389,6 +395,10 @@ def main(argv=None) -> int:
         if (a == "analytic") == (v in ANALYTIC_VICTIMS)
         and BUDGETS[a][0 if v in SMALL else 1] is not None
     ]
+    try:  # before any training: a bad parallel option costs nothing
+        check_parallel(**parallel_options(args))
+    except ValueError as e:
+        p.error(str(e))
     if todo:
         accuracy = ensure_checkpoints(args.victims, args.out, args.data_root, args.retrain)
         for name, acc in accuracy.items():

@@ -4,7 +4,8 @@ For each attack and batch size: seconds per L-BFGS step and per objective
 evaluation, success rate (every image of the batch at PSNR >= 30 dB) over
 several images and seeds, and the median wall time of successful runs.
 
-Every finished run is appended to ``<out>/runs.jsonl``; an interrupted
+Every finished run is appended to ``<out>/runs.jsonl`` (default
+``benchmarks/results/dlg_speed/``); an interrupted
 benchmark resumes where it stopped, and the tables are rebuilt from that file.
 
     python benchmarks/dlg_speed.py                      # lenet, 32x32 RGB, B = 1 2 4 8
@@ -23,7 +24,7 @@ import torch
 from fl_core import Client, Server, build_model, load_samples
 from leakage import build_attack, score_images
 from leakage.metrics import label_accuracy
-from leakage.store import append_record, load_records
+from leakage.store import append_record, load_records, write_atomic
 
 SUCCESS_DB = 30.0
 
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--restarts", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--out", default="benchmarks/out/dlg_speed")
+    p.add_argument("--out", default="benchmarks/results/dlg_speed")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -162,7 +163,7 @@ def main(argv=None) -> None:
             flush=True,
         )
     table = markdown(summarise(rows))
-    (out / "summary.md").write_text(table)
+    write_atomic(out / "summary.md", table)
     print()
     print(table)
 

@@ -20,10 +20,13 @@ With ``--num-classes`` above 10, the victims get that many outputs and each imag
 a label drawn uniformly from all of them (no CIFAR-100 copy offline; untrained
 victims know nothing of class semantics, so only the label statistics matter).
 
-    python benchmarks/label_recovery.py --batches 20
+    python benchmarks/label_recovery.py --batches 20     # benchmarks/results/label_recovery/
+    python benchmarks/label_recovery.py --batches 100 --out benchmarks/results/label_recovery_100
     python benchmarks/label_recovery.py --batches 20 --distinct --out benchmarks/out/label_distinct
     python benchmarks/label_recovery.py --batches 20 --models lenet --num-classes 100 \\
-        --batch-size 24 --out benchmarks/out/label_recovery_k100
+        --batch-size 24 --out benchmarks/results/label_recovery_k100
+
+``table.md`` and ``table.csv`` are written atomically to ``--out``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import sys
 import time
 from pathlib import Path
@@ -41,6 +45,7 @@ from tqdm.auto import tqdm
 from fl_core import Client, Server, build_model, load_dataset
 from leakage.labels import LABEL_STRATEGIES, ilrg, last_layer
 from leakage.metrics import label_count_accuracy, label_set_accuracy
+from leakage.store import write_atomic
 
 EXTRA = {"ilrg-paper": functools.partial(ilrg, refine_steps=0)}
 COLUMNS = ["model", "strategy", "batches", "set_accuracy", "count_accuracy", "exact", "ms"]
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--distinct", action="store_true", help="one image per class in a batch")
     p.add_argument("--data-root", default="../shared/datasets")
-    p.add_argument("--out", default="benchmarks/out/label_recovery")
+    p.add_argument("--out", default="benchmarks/results/label_recovery")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     args = p.parse_args(argv)
     try:
@@ -184,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table)
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "note"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_atomic(out / "table.md", table)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, "note"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "table.csv", buffer.getvalue())
     return 0
 
 

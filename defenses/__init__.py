@@ -1,7 +1,9 @@
 """Countermeasures: the public skeleton the defenses plug into.
 
 A defense is a small object with one call, composed in order, never a
-subclass of the client (see ``DESIGN.md``):
+subclass of the client (composition, as Flower's differential-privacy
+wrappers wrap a strategy: adap/flower,
+``src/py/flwr/server/strategy/dp_fixed_clipping.py``):
 
 * :class:`ClientDefense`: ``update -> update`` before it leaves the client
   (clipping, noise, pruning, quantisation);

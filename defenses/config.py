@@ -331,8 +331,9 @@ class DefensePlan:
 
     Attributes:
         entries: the normalised list ``((name, params), ...)``.
-        client_wrapper: wraps each client to change how it trains (``dpsgd``),
-            or ``None``.
+        client_wrapper: wraps each honest client to change how it trains
+            (``dpsgd``), or ``None``; :meth:`wrap_clients` leaves the attacks of
+            poisoning clients unwrapped.
         client_defenses: update transforms, in order.
         aggregation_clip: the server's per-update norm bound, or ``None``.
         aggregator: the robust aggregation rule (:mod:`defenses.robust`), or
@@ -350,10 +351,27 @@ class DefensePlan:
     delta: float | None = None
 
     def wrap_clients(self, clients: Sequence[Any]) -> list[Any]:
-        """The clients, wrapped by the training-stage defense if there is one."""
+        """The clients, honest ones wrapped by the training-stage defense if there is one.
+
+        A poisoning client (an :class:`fl_core.adversaries.Adversary`) is not
+        wrapped: a malicious client does not run the defense (DP-SGD) honestly,
+        it sends its attack, computed as the attacker computes it. Only the
+        rounds outside its schedule, where it is an honest client, go through
+        the defense: the list holds a copy of the adversary whose
+        :attr:`~fl_core.adversaries.Adversary.honest` computation is the wrapped
+        honest client (:meth:`~fl_core.adversaries.Adversary.with_honest`). The
+        clients given are not modified.
+        """
         if self.client_wrapper is None:
             return list(clients)
-        return [self.client_wrapper(c) for c in clients]
+        return [self._wrap(c) for c in clients]
+
+    def _wrap(self, client: Any) -> Any:
+        from fl_core.adversaries import Adversary
+
+        if isinstance(client, Adversary):
+            return client.with_honest(self._wrap(client.client))
+        return self.client_wrapper(client)  # type: ignore[misc]
 
     def server_kwargs(self, aggregator: Callable = fedavg) -> dict[str, Any]:
         """Keyword arguments of :class:`fl_core.server.Server` for this plan.

@@ -7,16 +7,24 @@ Training (:class:`CRFL`, a ``post_aggregation`` hook of :class:`fl_core.server.S
 after each aggregation the server clips the global parameters to an L2 norm of
 at most ρ_t and adds N(0, σ²) to every parameter (the reference's ``main.py``,
 lines 100-140). Testing (:func:`certify`): M noisy copies θ_T + N(0, σ_T²) of the
-final model vote on each test input; Hoeffding bounds on the top-two vote
-shares give p_A (lower) and p_B (upper) (reference ``certify_mnist.py``, lines
-169-171), and the paper's certification theorem turns them into a radius: the
-largest L2 norm of a backdoor trigger δ that provably could not have changed
-the smoothed prediction, given the training quantities of a
-:class:`ThreatModel` (reference ``cal_prob_bound``, ``certify_mnist.py`` lines
-104-140).
+final model vote on each test input; confidence bounds on the top-two vote
+shares give p_A (lower) and p_B (upper), and the paper's certified-radius
+theorem turns them into a radius: the largest L2 norm of a backdoor trigger δ
+that provably could not have changed the smoothed prediction, given the
+training quantities of a :class:`ThreatModel` (reference ``cal_prob_bound``,
+``certify_mnist.py`` lines 104-140).
+
+The bounds hold jointly at level 1 − α for the classes actually certified
+(:func:`top_two_bounds`). The reference (``certify_mnist.py`` l. 169-171) picks
+the top class and the runner-up from the very votes it then bounds, each bound
+at level 1 − α with no correction for that choice, so its stated level does not
+hold. Here either the choice is paid for with a Bonferroni (union) bound over
+the classes, or the top class comes from a separate selection sample, as in
+CERTIFY of Cohen, Rosenfeld and Kolter 2019 ("Certified Adversarial Robustness
+via Randomized Smoothing", ICML, Sec. 3.2 and Algorithm "certify").
 
 The math lives in pure functions (:func:`clip_global_norm`, :func:`add_gaussian_noise`,
-:func:`hoeffding_bounds`, :func:`certified_radius`); :class:`CRFL` and :func:`certify`
+:func:`top_two_bounds`, :func:`certified_radius`); :class:`CRFL` and :func:`certify`
 are plumbing around them.
 """
 
@@ -28,10 +36,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
+    "BOUNDS",
     "CRFL",
     "CertifyResult",
     "ThreatModel",
@@ -43,12 +53,17 @@ __all__ = [
     "clip_global_norm",
     "hoeffding_bounds",
     "smoothed_votes",
+    "top_two_bounds",
 ]
 
 log = logging.getLogger(__name__)
 
 PROBABILITY_FLOOR = 1e-8
 """Floor of p_A lower and 1 − cap of p_B upper (reference ``certify_mnist.py`` l. 170-171)."""
+
+BOUNDS = ("hoeffding", "clopper_pearson")
+"""One-sided binomial confidence bounds :func:`top_two_bounds` can use: Hoeffding's
+inequality (the reference's) or the exact Clopper-Pearson interval (as in Cohen et al. 2019)."""
 
 
 # ---------------------------------------------------------------- training-time transform
@@ -264,8 +279,12 @@ def certified_radius(
 ) -> torch.Tensor:
     """CRFL's certified radius on the backdoor magnitude ‖δ‖₂ (float64, same shape as the inputs).
 
-    The paper's certification theorem (Xie et al. 2021; as computed by the
-    reference's ``cal_prob_bound``, ``certify_mnist.py`` l. 104-140)::
+    The certified-radius theorem of Xie et al. 2021 (the paper's main
+    certification result, which joins the robustness condition of the
+    parameter-smoothed classifier, KL(clean θ_T ‖ backdoored θ_T) <
+    −ln(1 − (√p_A − √p_B)²), to its bound on that KL after T rounds of clipping
+    and noise), as computed by the reference's ``cal_prob_bound``
+    (``certify_mnist.py`` l. 104-140)::
 
         RAD² = −ln(1 − (√p_A − √p_B)²) · σ²
                / (2 R (Σ_i p_i²) τ² L_Z² γ² η² (q_B/n_B)² · Π)
@@ -280,7 +299,9 @@ def certified_radius(
 
     Entries with ``p_A <= p_B`` (no certified prediction) get radius 0 (the
     reference evaluates the formula there too, which is symmetric in p_A, p_B);
-    ``p_A = 1, p_B = 0`` gives ``inf``.
+    ``p_A = 1, p_B = 0`` gives ``inf``. The radius holds with the probability
+    that the bounds do (p_A lower <= p_A and p_B upper >= p_B together), which
+    :func:`top_two_bounds` makes 1 − α.
 
     Args:
         pa_lower: p_A lower bound(s) in [0, 1].
@@ -321,45 +342,127 @@ def certified_radius(
     return (budget * sigma**2 / per_delta).sqrt()
 
 
-def hoeffding_bounds(
-    counts: torch.Tensor, *, alpha: float
+def _check_counts(counts: torch.Tensor, what: str) -> int:
+    """M, the votes per row of ``counts`` (N, K), after checking it."""
+    if counts.ndim != 2 or counts.shape[1] < 2:
+        raise ValueError(f"{what} must be (N, K) with K >= 2; got {tuple(counts.shape)}")
+    total = counts.sum(1)  # (N,): M in every row
+    m = int(total[0]) if len(total) else 1
+    if m < 1 or bool((total != m).any()) or bool((counts < 0).any()):
+        raise ValueError(f"every row of {what} must hold the same positive number of votes M")
+    return m
+
+
+def _lower(k: torch.Tensor, m: int, level: float, method: str) -> torch.Tensor:
+    """One-sided lower confidence bounds (N,) float64 on p from k ~ Binomial(m, p), each
+    failing with probability at most ``level``."""
+    if method == "hoeffding":  # P(k/m − p >= ε) <= exp(−2mε²) = level
+        return k / m - math.sqrt(math.log(1 / level) / (2 * m))
+    from scipy.stats import beta
+
+    kk = k.numpy()
+    with np.errstate(invalid="ignore"):
+        bound = np.where(kk > 0, beta.ppf(level, kk, m - kk + 1), 0.0)
+    return torch.as_tensor(bound, dtype=torch.float64)
+
+
+def _upper(k: torch.Tensor, m: int, level: float, method: str) -> torch.Tensor:
+    """One-sided upper confidence bounds (N,) float64, each failing with probability <= level."""
+    if method == "hoeffding":
+        return k / m + math.sqrt(math.log(1 / level) / (2 * m))
+    from scipy.stats import beta
+
+    kk = k.numpy()
+    with np.errstate(invalid="ignore"):
+        bound = np.where(kk < m, beta.ppf(1 - level, kk + 1, m - kk), 1.0)
+    return torch.as_tensor(bound, dtype=torch.float64)
+
+
+def top_two_bounds(
+    counts: torch.Tensor,
+    *,
+    alpha: float,
+    selection: torch.Tensor | None = None,
+    method: str = "hoeffding",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top class, p_A lower bound, runner-up class and p_B upper bound from vote counts.
+    """Top class A, p_A lower bound, runner-up B and p_B upper bound, jointly at level 1 − α.
 
-    Hoeffding's inequality, each bound at level ``1 − α`` with M votes (reference
-    ``certify_mnist.py`` l. 169-171)::
+    With probability at least 1 − α over the votes, ``p_A >= pa_lower`` and
+    ``max_{c ≠ A} p_c <= pb_upper`` hold together for the class A returned, p_c
+    being the smoothed classifier's probability of class c. The choice of A and
+    B from random votes is accounted for:
 
-        p_A lower = max(1e-8,     n_A / M − sqrt(ln(1/α) / (2M)))
-        p_B upper = min(1 − 1e-8, n_B / M + sqrt(ln(1/α) / (2M)))
+    * ``selection=None`` (A and B from ``counts`` itself): a Bonferroni (union)
+      bound over all K classes. Every class's lower and upper bound is taken at
+      level α / (2K), so all 2K bounds hold at once with probability ≥ 1 − α,
+      whichever classes the votes then pick.
+    * ``selection`` given: vote counts of a separate, independent sample that
+      only chooses A (its argmax), as Cohen, Rosenfeld and Kolter 2019 (ICML,
+      CERTIFY) do. A is then fixed with respect to ``counts``: p_A lower at
+      level α/2, and every other class's upper bound at α / (2(K − 1)) (the
+      largest is p_B upper).
 
-    n_A is the largest count, n_B the largest of the others (ties: lowest class
-    index, as ``np.argmax`` in the reference's ``probability_estimation``).
+    In both cases ``pb_upper`` is also capped at ``1 − pa_lower`` (Σ p_c = 1
+    makes that valid on the same event). Bounds per class, with n_c votes of M:
+
+    * ``"hoeffding"`` (the reference's, ``certify_mnist.py`` l. 169-171): lower
+      ``n_c/M − sqrt(ln(1/ℓ) / (2M))``, upper ``n_c/M + sqrt(ln(1/ℓ) / (2M))``
+      at level ℓ (Hoeffding 1963);
+    * ``"clopper_pearson"``: the exact binomial bounds ``Beta(ℓ; n_c, M − n_c + 1)``
+      (0 when n_c = 0) and ``Beta(1 − ℓ; n_c + 1, M − n_c)`` (1 when n_c = M)
+      quantiles (Clopper and Pearson 1934).
+
+    p_A lower is floored at 1e-8 and p_B upper capped at 1 − 1e-8 (the
+    reference's clamps). Ties go to the lowest class index (``np.argmax``).
 
     Args:
         counts: ``(N, K)`` vote counts, every row summing to M.
-        alpha: α in (0, 1).
+        alpha: α in (0, 1), the probability that the certificate's bounds fail.
+        selection: ``(N, K)`` votes of an independent selection sample, or ``None``.
+        method: one of :data:`BOUNDS`.
 
     Returns:
         ``(top (N,) int64, pa_lower (N,) float64, runner_up (N,) int64, pb_upper (N,) float64)``.
     """
-    if counts.ndim != 2 or counts.shape[1] < 2:
-        raise ValueError(f"counts must be (N, K) with K >= 2; got {tuple(counts.shape)}")
+    m = _check_counts(counts, "counts")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha {alpha}: use a number in (0, 1)")
-    total = counts.sum(1)  # (N,): M in every row
-    m = int(total[0]) if len(total) else 1
-    if m < 1 or bool((total != m).any()) or bool((counts < 0).any()):
-        raise ValueError("every row of counts must hold the same positive number of votes M")
+    if method not in BOUNDS:
+        raise ValueError(f"unknown bound {method!r}; valid: {', '.join(BOUNDS)}")
+    k = counts.shape[1]
+    if selection is None:
+        top = counts.argmax(1)  # (N,) first maximum
+        level_a = level_b = alpha / (2 * k)
+    else:
+        if selection.shape != counts.shape:
+            raise ValueError(
+                f"selection votes must be (N, K) = {tuple(counts.shape)} like counts; "
+                f"got {tuple(selection.shape)}"
+            )
+        _check_counts(selection, "selection")
+        top = selection.argmax(1)  # (N,): chosen on votes independent of counts
+        level_a, level_b = alpha / 2, alpha / (2 * (k - 1))
     counts = counts.to(torch.float64)
-    top = counts.argmax(1)  # (N,) first maximum
     rest = counts.scatter(1, top[:, None], -1.0)  # (N, K): top class removed
     runner_up = rest.argmax(1)
     n_a = counts.gather(1, top[:, None]).squeeze(1)
     n_b = counts.gather(1, runner_up[:, None]).squeeze(1)
-    eps = math.sqrt(math.log(1 / alpha) / (2 * m))
-    pa_lower = (n_a / m - eps).clamp(min=PROBABILITY_FLOOR)
-    pb_upper = (n_b / m + eps).clamp(max=1 - PROBABILITY_FLOOR)
-    return top, pa_lower, runner_up, pb_upper
+    pa_lower = _lower(n_a, m, level_a, method).clamp(min=PROBABILITY_FLOOR)
+    pb_upper = torch.minimum(_upper(n_b, m, level_b, method), 1 - pa_lower)
+    return top, pa_lower, runner_up, pb_upper.clamp(max=1 - PROBABILITY_FLOOR)
+
+
+def hoeffding_bounds(
+    counts: torch.Tensor, *, alpha: float, selection: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`top_two_bounds` with Hoeffding bounds (the reference's), jointly at level 1 − α.
+
+    Without ``selection``, every bound's ε is ``sqrt(ln(2K/α) / (2M))`` (Bonferroni
+    over the 2K one-sided bounds of K classes), not the reference's
+    ``sqrt(ln(1/α) / (2M))``, which ignores that the two classes are chosen from
+    the same votes.
+    """
+    return top_two_bounds(counts, alpha=alpha, selection=selection, method="hoeffding")
 
 
 # ---------------------------------------------------------------- certification plumbing
@@ -372,13 +475,17 @@ class CertifyResult:
     Attributes:
         counts: ``(N, K)`` int64 votes of the M noisy models.
         labels: ``(N,)`` true labels.
-        top_class: ``(N,)`` the most voted class (the reference's prediction).
+        top_class: ``(N,)`` the class A bounded: the most voted class of
+            ``selection`` when given, else of ``counts`` (the reference's prediction).
         prediction: ``(N,)`` the certified prediction: ``top_class`` where
             p_A lower > p_B upper, else −1 (abstain).
-        pa_lower, pb_upper: ``(N,)`` float64 Hoeffding bounds.
+        pa_lower, pb_upper: ``(N,)`` float64 bounds holding jointly at level 1 − α
+            (:func:`top_two_bounds`).
         radius: ``(N,)`` float64 certified ‖δ‖₂; 0 where abstaining.
         correct: ``(N,)`` bool, ``prediction == labels``.
         num_models, alpha, sigma: M, α and σ_T used.
+        selection: ``(N, K)`` int64 votes of the separate selection sample, or ``None``.
+        method: the bound used (one of :data:`BOUNDS`).
     """
 
     counts: torch.Tensor
@@ -392,6 +499,8 @@ class CertifyResult:
     num_models: int
     alpha: float
     sigma: float
+    selection: torch.Tensor | None = None
+    method: str = "hoeffding"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -464,19 +573,28 @@ def certify_votes(
     threat: ThreatModel,
     sigma: float | None = None,
     alpha: float = 0.001,
+    selection: torch.Tensor | None = None,
+    method: str = "hoeffding",
 ) -> CertifyResult:
-    """Certify from vote counts: Hoeffding bounds, abstention, radius, correctness.
+    """Certify from vote counts: joint bounds, abstention, radius, correctness.
 
     Args:
         counts: ``(N, K)`` votes of M noisy models (:func:`smoothed_votes`).
         labels: ``(N,)`` true labels.
         defense, threat, sigma: see :func:`certified_radius` (``sigma`` is σ_T).
-        alpha: α of each Hoeffding bound.
+        alpha: α: the bounds p_A lower and p_B upper (hence each radius) hold
+            together with probability at least 1 − α (:func:`top_two_bounds`).
+        selection: ``(N, K)`` votes of an independent selection sample that
+            chooses the top class (Cohen et al. 2019); ``None``: a Bonferroni
+            correction over the classes instead.
+        method: ``"hoeffding"`` (the reference's) or ``"clopper_pearson"``.
     """
     if labels.ndim != 1 or len(labels) != len(counts):
         raise ValueError("labels must be (N,) with one label per row of counts")
     sigma = defense.sigma if sigma is None else sigma
-    top, pa_lower, _, pb_upper = hoeffding_bounds(counts, alpha=alpha)
+    top, pa_lower, _, pb_upper = top_two_bounds(
+        counts, alpha=alpha, selection=selection, method=method
+    )
     certified = pa_lower > pb_upper
     prediction = torch.where(certified, top, torch.full_like(top, -1))
     radius = certified_radius(pa_lower, pb_upper, defense=defense, threat=threat, sigma_test=sigma)
@@ -494,6 +612,8 @@ def certify_votes(
         num_models=int(counts[0].sum()) if len(counts) else 0,
         alpha=alpha,
         sigma=sigma,
+        selection=selection,
+        method=method,
     )
 
 
@@ -510,12 +630,18 @@ def certify(
     generator: torch.Generator,
     batch_size: int = 1000,
     progress: bool = False,
+    num_selection: int = 0,
+    method: str = "hoeffding",
 ) -> CertifyResult:
     """Certify a CRFL-trained model by parameter smoothing (Xie et al. 2021, certification).
 
     :func:`smoothed_votes` with σ_T = ``sigma`` (``None``: ``defense.sigma``) and
-    M = ``num_models``, then :func:`certify_votes` (Hoeffding bounds at level α,
-    abstention unless p_A lower > p_B upper, :func:`certified_radius`).
+    M = ``num_models``, then :func:`certify_votes` (bounds holding jointly at
+    level 1 − α, abstention unless p_A lower > p_B upper, :func:`certified_radius`).
+    With ``num_selection = n₀ > 0``, n₀ noisy copies are drawn first (from the
+    same generator) and only choose the top class, as in Cohen et al. 2019's
+    CERTIFY; the M copies after them give the bounds. With 0, the top class
+    comes from the M votes and a Bonferroni correction pays for the choice.
 
     Args:
         model: the final global model θ_T (clipped; see :attr:`CRFL.rounds`).
@@ -525,12 +651,27 @@ def certify(
         threat: the training and attack quantities of the radius.
         sigma: σ_T of test-time smoothing.
         num_models: M noisy copies (1000 in the paper).
-        alpha: α (0.001 in the paper).
+        alpha: α, the probability that the certificate fails (0.001 in the paper).
         generator: source of the smoothing noise.
         batch_size: images per forward pass.
         progress: show a progress bar over the copies.
+        num_selection: n₀, noisy copies of the separate selection sample (0: none).
+        method: ``"hoeffding"`` or ``"clopper_pearson"`` (see :func:`top_two_bounds`).
     """
     sigma = defense.sigma if sigma is None else sigma
+    if isinstance(num_selection, bool) or not isinstance(num_selection, int) or num_selection < 0:
+        raise ValueError(f"num_selection {num_selection!r}: use an int >= 0 (0: no selection)")
+    selection = None
+    if num_selection:
+        selection = smoothed_votes(
+            model,
+            images,
+            sigma=sigma,
+            num_models=num_selection,
+            generator=generator,
+            batch_size=batch_size,
+            progress=progress,
+        )
     counts = smoothed_votes(
         model,
         images,
@@ -540,7 +681,16 @@ def certify(
         batch_size=batch_size,
         progress=progress,
     )
-    result = certify_votes(counts, labels, defense=defense, threat=threat, sigma=sigma, alpha=alpha)
+    result = certify_votes(
+        counts,
+        labels,
+        defense=defense,
+        threat=threat,
+        sigma=sigma,
+        alpha=alpha,
+        selection=selection,
+        method=method,
+    )
     log.debug(
         "certified %d samples with %d noisy models: %d abstained, max radius %.4g",
         len(result),

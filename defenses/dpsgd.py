@@ -8,7 +8,11 @@ coordinate (σ = ``noise_multiplier``) and divides by the expected batch size
 ``q·n``. In federated learning this is *local* DP (DP-FedSGD / DP-FedAvg run on
 the client): the update leaving the client is already private, so it protects
 the client's records against the server too, unlike central DP, which adds
-noise after aggregation (see ``REFERENCES.md``, Defenses).
+noise after aggregation (the user-level DP of McMahan, Ramage, Talwar and Zhang,
+ICLR 2018, "Learning Differentially Private Recurrent Language Models", whose
+server noises the sum of clipped updates, and Flower's server-side wrappers,
+``src/py/flwr/server/strategy/dp_fixed_clipping.py`` in adap/flower): there the
+server still sees every client's update without noise.
 
 Everything DP is Opacus 1.6's own machinery, not a re-implementation:
 
@@ -171,9 +175,10 @@ class DPSGDClient:
 
     Poisson batches vary in size and may be empty (then the step is pure noise,
     as in Opacus's data loader). What crosses to the server besides the tensors
-    is data-independent: ``Update.num_samples`` and the protocol are the plain
-    client's (``b`` for FedSGD, ``min(n, b·local_steps)`` for FedAvg), so the
-    sampled batch size is never revealed; ``protocol().batch_size`` is the
+    is data-independent: ``Update.num_samples``, ``Update.weight`` and the
+    protocol are the plain client's (``b`` for FedSGD, ``min(n, b·local_steps)``
+    for FedAvg; the weight n or that count, see ``LocalTraining.weighting``),
+    so the sampled batch size is never revealed; ``protocol().batch_size`` is the
     *expected* batch size. The dataset size ``n`` is treated as public protocol
     metadata, as for every client in the lab. The ground truth holds the
     samples actually used (possibly none).
@@ -354,6 +359,7 @@ class DPSGDClient:
             client_id=self.client_id,
             round=round,
             buffers=tuple(b.detach().clone() for b in float_buffers(private)),
+            weight=self.protocol().weight,
         )
         truth = GroundTruth(self.images[used], self.labels[used], self.client_id, round)
         return update, truth

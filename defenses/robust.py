@@ -13,7 +13,8 @@ in the dtype of ``updates``:
 * :func:`centered_clipping` (Karimireddy et al. 2021);
 * :class:`FoolsGold` (Fung et al. 2020), stateful: it keeps each client's history.
 
-Weights are the clients' *reported* sample counts. :func:`mean`,
+Weights are the clients' *reported* weights (``Update.weight``: the dataset
+size n_k by default, McMahan et al. 2017). :func:`mean`,
 :func:`multi_krum`, :func:`geometric_median`, :func:`centered_clipping` and
 :class:`FoolsGold` use them; :func:`median`, :func:`trimmed_mean`,
 :func:`krum` and :func:`bulyan` are order statistics or selections and ignore
@@ -25,7 +26,9 @@ returns the input dtype. That costs one float64 copy of the (n, d) stack.
 
 :class:`RobustAggregator` (or :func:`make_aggregator`) adapts a rule to the
 ``aggregator`` hook of :class:`fl_core.server.Server`; :data:`AGGREGATORS`
-maps rule names to the functions (and the :class:`FoolsGold` class).
+maps rule names to the functions (and the :class:`FoolsGold` class); its
+``aggregate_with_buffers`` applies each rule to the clients' BatchNorm
+statistics too (see :class:`RobustAggregator`).
 """
 
 from __future__ import annotations
@@ -185,10 +188,15 @@ def krum(updates: Tensor, *, weights: Tensor | None = None, f: int) -> Tensor:
     Returns:
         (d,) the selected update, in the dtype of ``updates``.
     """
+    return updates[_krum_selection(updates, weights, f)].clone()
+
+
+def _krum_selection(updates: Tensor, weights: Tensor | None, f: int) -> int:
+    """The row :func:`krum` selects (inputs checked)."""
     _check_params("krum", {"f": f})
     x, _ = _prepare("krum", updates, weights)
     _check_krum_n("krum", x.shape[0], f)
-    return updates[_krum_order(x, f)[0]].clone()
+    return int(_krum_order(x, f)[0])
 
 
 def multi_krum(
@@ -209,6 +217,15 @@ def multi_krum(
     Returns:
         (d,) the aggregate, in the dtype of ``updates``.
     """
+    keep, a = _multi_krum_selection(updates, weights, f, m)
+    x = updates.to(torch.float64)
+    return (a @ x[keep] / a.sum()).to(updates.dtype)
+
+
+def _multi_krum_selection(
+    updates: Tensor, weights: Tensor | None, f: int, m: int | None
+) -> tuple[Tensor, Tensor]:
+    """The rows :func:`multi_krum` keeps (m,) and their float64 weights (m,) (inputs checked)."""
     _check_params("multi_krum", {"f": f, "m": m})
     x, w = _prepare("multi_krum", updates, weights)
     n = x.shape[0]
@@ -217,8 +234,7 @@ def multi_krum(
     if m > n:
         raise ValueError(f"multi_krum needs m <= n (n={n}, m={m})")
     keep = _krum_order(x, f)[:m]  # (m,)
-    a = _uniform(x)[keep] if w is None else w[keep]
-    return (a @ x[keep] / a.sum()).to(updates.dtype)
+    return keep, (_uniform(x)[keep] if w is None else w[keep])
 
 
 def geometric_median(
@@ -284,23 +300,33 @@ def bulyan(updates: Tensor, *, weights: Tensor | None = None, f: int) -> Tensor:
     Returns:
         (d,) the aggregate, in the dtype of ``updates``.
     """
+    selected = _bulyan_selection(updates, weights, f)
+    return _bulyan_combine(updates.to(torch.float64)[selected], f).to(updates.dtype)
+
+
+def _bulyan_selection(updates: Tensor, weights: Tensor | None, f: int) -> list[int]:
+    """Bulyan's step 1: the θ = n − 2f rows chosen by repeated Krum, in order (inputs checked)."""
     _check_params("bulyan", {"f": f})
     x, _ = _prepare("bulyan", updates, weights)
     n = x.shape[0]
     if n < 4 * f + 3:
         raise ValueError(f"bulyan needs n >= 4f + 3 (n={n}, f={f})")
-    theta, beta = n - 2 * f, n - 4 * f
     d2 = _pairwise_sq_distances(x)  # (n, n)
     remaining = list(range(n))
     selected: list[int] = []
-    for _ in range(theta):
+    for _ in range(n - 2 * f):
         sub = d2[remaining][:, remaining]
         best = int(torch.argmin(_krum_scores(sub, f)))  # first minimum: lowest index
         selected.append(remaining.pop(best))
-    s = x[selected]  # (θ, d)
+    return selected
+
+
+def _bulyan_combine(s: Tensor, f: int) -> Tensor:
+    """Bulyan's step 2 on the θ selected rows (θ, d): per coordinate, the mean of the
+    β = θ − 2f values closest to their median."""
     dev = (s - _median(s)).abs()  # (θ, d)
-    closest = torch.sort(dev, dim=0, stable=True).indices[:beta]  # (β, d)
-    return s.gather(0, closest).mean(0).to(updates.dtype)
+    closest = torch.sort(dev, dim=0, stable=True).indices[: s.shape[0] - 2 * f]  # (β, d)
+    return s.gather(0, closest).mean(0)
 
 
 def centered_clipping(
@@ -378,10 +404,33 @@ class RobustAggregator:
     """A robust rule as :class:`fl_core.server.Server`'s ``aggregator`` hook.
 
     Stacks ``u.flat`` of the round's updates into (n, d), passes their
-    ``num_samples`` as weights, calls the rule and cuts the (d,) result back into
-    tensors shaped like ``updates[0].tensors``. ``foolsgold`` gets the client ids
-    and keeps its histories across rounds; ``centered_clipping`` starts each round
-    at the previous round's aggregate (zeros in the first).
+    reported ``weight`` (the FedAvg weight, n_k by default) as weights, calls
+    the rule and cuts the (d,) result back into tensors shaped like
+    ``updates[0].tensors``. ``foolsgold`` gets the client ids and keeps its
+    histories across rounds; ``centered_clipping`` starts each round at the
+    previous round's aggregate (zeros in the first).
+
+    BatchNorm statistics (:meth:`aggregate_with_buffers`, which the server
+    calls): the clients' buffers (n, d_b) follow the same rule, so a robust
+    rule also protects them (a client cannot poison the running mean or
+    variance the way FedAvg of the buffers would let it):
+
+    * ``mean``, ``median``, ``trimmed_mean``, ``geometric_median``: the same
+      rule, with the same weights and parameters, on the buffers
+      (coordinate-wise for median and trimmed mean; the geometric median of
+      the buffer vectors for RFA);
+    * ``krum``: the buffers of the client Krum selects on the parameters;
+      ``multi_krum``: the weighted mean of the selected clients' buffers;
+      ``bulyan``: Bulyan's second stage (per coordinate, the mean of the β
+      values closest to the median) over the buffers of the θ clients its
+      first stage selected on the parameters;
+    * ``foolsgold``: the buffers averaged with FoolsGold's client weights of
+      the round (a client FoolsGold trusts moves the buffers as it moves the
+      parameters; when it trusts no client, the global buffers stay);
+    * ``centered_clipping``: its radius τ and its center (the previous
+      aggregate) are in units of parameter deltas, and buffers are absolute
+      statistics, so the rule has no meaning for them; the buffers take the
+      coordinate-wise median instead (Yin et al. 2018).
 
     Args:
         rule: a name in :data:`AGGREGATORS`.
@@ -430,18 +479,79 @@ class RobustAggregator:
 
     def __call__(self, updates: Sequence[Update]) -> tuple[Tensor, ...]:
         """Aggregate one round's updates; returns tensors in parameter order."""
+        return self._aggregate(updates, with_buffers=False)[0]
+
+    def aggregate_with_buffers(
+        self, updates: Sequence[Update]
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+        """Aggregate one round's updates and their buffers under this rule.
+
+        Returns ``(tensors, buffers)``: the tensors as :meth:`__call__` returns
+        them (the rule's state advances once), and the clients' floating-point
+        buffers (BatchNorm running statistics, ``Update.buffers``) aggregated as
+        the rule says (see the class docstring); ``()`` when the updates carry
+        none, ``None`` when the rule keeps the global model's buffers (FoolsGold
+        trusting no client this round).
+        """
+        return self._aggregate(updates, with_buffers=True)
+
+    def _aggregate(self, updates: Sequence[Update], *, with_buffers: bool):
         if not updates:
             raise ValueError("cannot aggregate an empty list of updates")
         x = torch.stack([u.flat for u in updates])  # (n, d)
-        w = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)  # (n,)
+        w = torch.tensor([u.weight for u in updates], dtype=torch.float64)  # (n,)
+        b = _stack_buffers(updates) if with_buffers else None  # (n, d_b) or None
+        p, rule = self.params, self.rule
+        buf: Tensor | None = None
         if self._foolsgold is not None:
             agg = self._foolsgold(x, client_ids=[u.client_id for u in updates], weights=w)
-        elif self.rule == "centered_clipping":
-            agg = centered_clipping(x, weights=w, center=self._center, **self.params)
+            alpha = self._foolsgold.last_weights  # (n,), normalised; all 0: no step
+            if b is not None and alpha is not None and float(alpha.sum()) > 0:
+                buf = (alpha.to(b.device) @ b.to(torch.float64)).to(b.dtype)
+        elif rule == "centered_clipping":
+            agg = centered_clipping(x, weights=w, center=self._center, **p)
             self._center = agg.detach().clone()
-        else:
-            agg = AGGREGATORS[self.rule](x, weights=w, **self.params)
-        return updates[0].with_flat(agg).tensors
+            buf = None if b is None else median(b)  # τ and the center are in delta units
+        elif rule == "krum":
+            i = _krum_selection(x, w, p["f"])
+            agg = x[i].clone()
+            buf = None if b is None else b[i].clone()
+        elif rule == "multi_krum":
+            keep, a = _multi_krum_selection(x, w, p["f"], p.get("m"))
+            agg = (a @ x[keep].to(torch.float64) / a.sum()).to(x.dtype)
+            if b is not None:
+                a = a.to(b.device)
+                buf = (a @ b[keep].to(torch.float64) / a.sum()).to(b.dtype)
+        elif rule == "bulyan":
+            selected = _bulyan_selection(x, w, p["f"])
+            agg = _bulyan_combine(x.to(torch.float64)[selected], p["f"]).to(x.dtype)
+            if b is not None:
+                buf = _bulyan_combine(b.to(torch.float64)[selected], p["f"]).to(b.dtype)
+        else:  # mean, median, trimmed_mean, geometric_median: the same rule on the buffers
+            agg = AGGREGATORS[rule](x, weights=w, **p)
+            buf = None if b is None else AGGREGATORS[rule](b, weights=w.to(b.device), **p)
+        tensors = updates[0].with_flat(agg).tensors
+        if not with_buffers:
+            return tensors, None
+        if b is None:
+            return tensors, ()
+        return tensors, None if buf is None else _cut(buf, updates[0].buffers)
+
+
+def _stack_buffers(updates: Sequence[Update]) -> Tensor | None:
+    """The updates' buffers as one (n, d_b) stack, or ``None`` when they carry none."""
+    if not updates[0].buffers:
+        return None
+    shapes = [tuple(t.shape) for t in updates[0].buffers]
+    if any([tuple(t.shape) for t in u.buffers] != shapes for u in updates):
+        raise ValueError("every update must carry the same buffers (BatchNorm statistics)")
+    return torch.stack([torch.cat([t.reshape(-1) for t in u.buffers]) for u in updates])
+
+
+def _cut(flat: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """A flat (d_b,) vector cut into tensors shaped like ``like``."""
+    parts = torch.split(flat, [t.numel() for t in like])
+    return tuple(p.reshape(t.shape).to(t.dtype) for p, t in zip(parts, like))
 
 
 def make_aggregator(name: str, **params: Any) -> RobustAggregator:

@@ -9,9 +9,13 @@
   of the new global model ("weak differential privacy", same paper).
 
 Both act at the server, after it has seen each update: they limit what a
-malicious client can do to the model, not what a curious server learns
-(REFERENCES.md: only client-side noise or secure aggregation protects against
-a server-side attacker).
+malicious client can do to the model, not what a curious server learns. Only
+client-side noise (local DP, e.g. DP-SGD on the client, Abadi et al. 2016) or
+secure aggregation (Bonawitz et al. 2017, "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning", CCS) protects against a server-side
+attacker; noise after aggregation, as here and in Flower's server-side DP
+wrappers (adap/flower, ``src/py/flwr/server/strategy/dp_fixed_clipping.py``),
+comes after the server has seen each clean update.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fl_core.server import fedavg
+from fl_core.server import aggregate_with_buffers, fedavg
 from fl_core.types import Update
 
 from .crfl import add_gaussian_noise
@@ -50,6 +54,14 @@ class NormDiffClip:
     def __call__(self, updates: Sequence[Update]) -> tuple[torch.Tensor, ...]:
         clip = Clip(self.max_norm)
         return self.aggregator([clip(u) for u in updates])
+
+    def aggregate_with_buffers(
+        self, updates: Sequence[Update]
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+        """The clipped updates and their buffers under the inner aggregator (clipping
+        leaves the buffers as they are; a robust inner rule still governs them)."""
+        clip = Clip(self.max_norm)
+        return aggregate_with_buffers(self.aggregator, [clip(u) for u in updates])
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,17 @@ model the client received, ``w_l`` its honestly trained local model.
   Federated Learning"): the delta scaled by γ, optionally trained on
   backdoor-poisoned data.
 * :class:`LazyWorker`: resends a stale update, or the global model back.
-  FedMLSecurity's lazy worker never fires (a known bug, REFERENCES.md); this one
-  does, whenever the schedule says so.
+  FedMLSecurity's lazy worker never fires (a known bug of FedML's
+  ``python/fedml/core/security/attack/lazy_worker.py``, FedML-AI/FedML); this
+  one does, whenever the schedule says so.
+
+Every adversary is an :class:`Adversary` (the public marker a defense checks
+to tell poisoning clients from honest ones). In its malicious rounds it
+computes its attack from the plain client it wraps; outside them it computes
+through :attr:`Adversary.honest`, which is that same client unless a training
+defense replaced it (:meth:`Adversary.with_honest`: under DP-SGD the honest
+rounds run DP-SGD like every honest client, while the attack is sent as the
+attacker computes it, not through DP-SGD).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from .types import GroundTruth, Protocol, Update
 
 __all__ = [
     "ADVERSARIES",
+    "Adversary",
     "BYZANTINE_MODES",
     "Byzantine",
     "LAZY_MODES",
@@ -108,18 +118,48 @@ LAZY_MODES = ("global", "stale")
 # --------------------------------------------------------------------------- shared plumbing
 
 
-class _Wrapper:
-    """The client interface delegated to ``self.client``; honest outside ``self.schedule``."""
+class Adversary:
+    """Base of the poisoning clients: the client interface delegated to ``self.client``.
+
+    Honest outside ``self.schedule``: there the update comes from
+    :attr:`honest`, which is ``self.client`` unless :meth:`with_honest` set
+    another computation for the honest rounds (a training defense such as
+    DP-SGD wrapping the same client). In the malicious rounds the attack is
+    computed from ``self.client`` (and the adversary's own poisoned copies),
+    never through that defense: a malicious client does not run the defense
+    honestly, it sends its attack.
+    """
 
     client: Any
     schedule: Schedule
+    _honest: Any = None
 
     def __init__(self, client: Any, rounds: Schedule | tuple[int, int | None] | None) -> None:
-        for attr in ("client_id", "protocol", "compute_update"):
-            if not hasattr(client, attr):
-                raise ValueError(f"the wrapped client has no {attr!r}: wrap an fl_core Client")
+        _check_client(client)
         self.client = client
         self.schedule = Schedule.of(rounds)
+
+    @property
+    def honest(self) -> Any:
+        """What computes this client's updates outside its malicious rounds."""
+        return self.client if self._honest is None else self._honest
+
+    def with_honest(self, honest: Any) -> Adversary:
+        """A copy of this adversary whose honest rounds go through ``honest``.
+
+        ``honest`` is another client object for the same data and id (e.g.
+        ``DPSGDClient(self.client)``); the malicious rounds are unchanged.
+        This adversary is not modified.
+        """
+        _check_client(honest)
+        if honest.client_id != self.client_id:
+            raise ValueError(
+                f"the honest computation is client {honest.client_id}'s; this adversary is "
+                f"client {self.client_id}: wrap the same client"
+            )
+        twin = copy.copy(self)
+        twin._honest = honest
+        return twin
 
     @property
     def client_id(self) -> int:
@@ -151,10 +191,20 @@ class _Wrapper:
             client_id=self.client_id,
             round=round,
             buffers=tuple(b.detach().clone() for b in float_buffers(model)),
+            weight=self.protocol().weight,
         )
         images, labels = _data(self.client)
         truth = GroundTruth(images[:0], labels[:0], self.client_id, round)
         return update, truth
+
+
+_Wrapper = Adversary  # the earlier private name
+
+
+def _check_client(client: Any) -> None:
+    for attr in ("client_id", "protocol", "compute_update"):
+        if not hasattr(client, attr):
+            raise ValueError(f"the wrapped client has no {attr!r}: wrap an fl_core Client")
 
 
 def _data(client: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +228,7 @@ def _plain(client: Any, who: str) -> Client:
 # --------------------------------------------------------------------------- Byzantine
 
 
-class Byzantine(_Wrapper):
+class Byzantine(Adversary):
     """A Byzantine client (FedMLSecurity's modes, Han et al. 2023, arXiv:2306.04959).
 
     In its rounds, with ``w_g`` the global model received:
@@ -223,7 +273,7 @@ class Byzantine(_Wrapper):
     ) -> tuple[Update, GroundTruth]:
         """This round's update (same contract as ``Client.compute_update``)."""
         if not self.active(round):
-            return self.client.compute_update(model, round=round, generator=generator)
+            return self.honest.compute_update(model, round=round, generator=generator)
         params = [p.detach() for p in model.parameters()]  # (w_g), as received
         if self.mode == "zero":
             return self._no_work(model, round, zero_update(params))
@@ -267,7 +317,7 @@ def _label_map(
     return table
 
 
-class LabelFlipping(_Wrapper):
+class LabelFlipping(Adversary):
     """Label flipping (Tolpegin et al. 2020, ESORICS; FedMLSecurity's 3 → 9, 2 → 1).
 
     In its rounds the client trains honestly on a relabelled copy of its data
@@ -307,14 +357,14 @@ class LabelFlipping(_Wrapper):
         self, model: nn.Module, *, round: int = 0, generator: torch.Generator
     ) -> tuple[Update, GroundTruth]:
         """Honest update on the relabelled copy in its rounds, on the real data otherwise."""
-        who = self.poisoned if self.active(round) else self.client
+        who = self.poisoned if self.active(round) else self.honest
         return who.compute_update(model, round=round, generator=generator)
 
 
 # --------------------------------------------------------------------------- backdoors
 
 
-class ModelReplacement(_Wrapper):
+class ModelReplacement(Adversary):
     """Model replacement (Bagdasaryan et al. 2020, "How To Backdoor Federated Learning").
 
     In its rounds the client sends its update scaled by ``gamma``: for FedAvg
@@ -383,7 +433,7 @@ class ModelReplacement(_Wrapper):
     ) -> tuple[Update, GroundTruth]:
         """``γ ×`` the (backdoor-trained) update in its rounds; honest otherwise."""
         if not self.active(round):
-            return self.client.compute_update(model, round=round, generator=generator)
+            return self.honest.compute_update(model, round=round, generator=generator)
         who = self.poisoned if self.poisoned is not None else self.client
         update, truth = who.compute_update(model, round=round, generator=generator)
         return update.with_tensors([self.gamma * t for t in update.tensors]), truth
@@ -392,7 +442,7 @@ class ModelReplacement(_Wrapper):
 # --------------------------------------------------------------------------- lazy worker
 
 
-class LazyWorker(_Wrapper):
+class LazyWorker(Adversary):
     """A lazy (free-riding) client that does not train in its rounds.
 
     * ``stale``: resends its last honest update (tensors, ``num_samples`` and
@@ -405,7 +455,8 @@ class LazyWorker(_Wrapper):
       buffers and an empty ground truth. As an update this equals Byzantine
       ``zero``; the two differ in intent (free-riding vs. sabotage).
 
-    FedMLSecurity's lazy worker never fires (REFERENCES.md); this one fires in
+    FedMLSecurity's lazy worker never fires (FedML-AI/FedML,
+    ``python/fedml/core/security/attack/lazy_worker.py``); this one fires in
     every round of its schedule in which it is sampled.
 
     Args:
@@ -438,7 +489,7 @@ class LazyWorker(_Wrapper):
         if self.active(round) and self.last is not None:
             update, truth = self.last
             return replace(update, round=round), replace(truth, round=round)
-        update, truth = self.client.compute_update(model, round=round, generator=generator)
+        update, truth = self.honest.compute_update(model, round=round, generator=generator)
         self.last = (update, truth)
         return update, truth
 
@@ -454,14 +505,14 @@ class LazyWorker(_Wrapper):
 # --------------------------------------------------------------------------- registry
 
 
-ADVERSARIES: Registry[_Wrapper] = Registry("adversary")
+ADVERSARIES: Registry[Adversary] = Registry("adversary")
 ADVERSARIES.register("byzantine")(Byzantine)
 ADVERSARIES.register("label_flip")(LabelFlipping)
 ADVERSARIES.register("model_replacement")(ModelReplacement)
 ADVERSARIES.register("lazy")(LazyWorker)
 
 
-def make_adversary(kind: str, client: Any, **params: Any) -> _Wrapper:
+def make_adversary(kind: str, client: Any, **params: Any) -> Adversary:
     """Wrap ``client`` in the adversary registered as ``kind`` (see :data:`ADVERSARIES`).
 
     Args:

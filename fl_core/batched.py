@@ -298,7 +298,14 @@ def _fedsgd_chunk(loss_grad, glob, names, clients, batches, device, round):
     grads = vmap(loss_grad, in_dims=(None, 0, 0))(glob, x, y)  # name -> (K, *shape)
     out = []
     for c, tensors, xk, yk in zip(clients, _per_client(grads, names), xs, ys):
-        update = Update(tensors, "gradient", len(yk), client_id=c.client_id, round=round)
+        update = Update(
+            tensors,
+            "gradient",
+            len(yk),
+            client_id=c.client_id,
+            round=round,
+            weight=c.protocol().weight,
+        )
         out.append((update, GroundTruth(xk, yk, c.client_id, round)))
     return out
 
@@ -318,6 +325,13 @@ def _fedavg_chunk(loss_grad, glob, names, clients, batches, device, round, t: Lo
     out = []
     for c, tensors, bs in zip(clients, _per_client(delta, names), batches):
         used = torch.unique(torch.cat(bs))
-        update = Update(tensors, "delta", len(used), client_id=c.client_id, round=round)
+        update = Update(
+            tensors,
+            "delta",
+            len(used),
+            client_id=c.client_id,
+            round=round,
+            weight=c.protocol().weight,
+        )
         out.append((update, GroundTruth(c.images[used], c.labels[used], c.client_id, round)))
     return out

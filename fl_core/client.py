@@ -11,7 +11,10 @@ from torch import nn
 
 from .types import GroundTruth, Protocol, Update
 
-__all__ = ["Client", "LocalTraining", "float_buffers"]
+__all__ = ["Client", "LocalTraining", "WEIGHTINGS", "float_buffers"]
+
+WEIGHTINGS = ("dataset", "processed")
+"""The aggregation weights a client may report (see :attr:`LocalTraining.weighting`)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,15 @@ class LocalTraining:
             its running statistics) or ``"eval"`` (BatchNorm uses the global
             model's running statistics, as the gradient-inversion papers'
             victims do). Recorded in the protocol, so attacks simulate it.
+        weighting: the aggregation weight the client reports with its update
+            (``Update.weight``, the server's FedAvg weight): ``"dataset"`` (the
+            default) its dataset size n_k, the weight n_k / n of McMahan et
+            al. 2017 (AISTATS, "Communication-Efficient Learning of Deep
+            Networks from Decentralized Data", Algorithm 1) for FedSGD and
+            FedAvg alike; ``"processed"`` the distinct samples this round's
+            computation used (the FedSGD batch b, ``min(n_k, b·E)`` for
+            FedAvg), which weights clients by the work done rather than by the
+            data held.
     """
 
     algorithm: Literal["fedsgd", "fedavg"] = "fedsgd"
@@ -41,6 +53,7 @@ class LocalTraining:
     momentum: float = 0.0
     weight_decay: float = 0.0
     bn_mode: Literal["train", "eval"] = "train"
+    weighting: Literal["dataset", "processed"] = "dataset"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("fedsgd", "fedavg"):
@@ -53,6 +66,11 @@ class LocalTraining:
             raise ValueError("lr must be positive, momentum and weight_decay non-negative")
         if self.bn_mode not in ("train", "eval"):
             raise ValueError(f"bn_mode must be 'train' or 'eval'; got {self.bn_mode!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"weighting must be 'dataset' (n_k) or 'processed' (samples used); "
+                f"got {self.weighting!r}"
+            )
 
 
 def float_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -95,12 +113,20 @@ class Client:
         return len(self) if b is None else min(b, len(self))
 
     def protocol(self) -> Protocol:
-        """What the protocol reveals about this client's local computation."""
+        """What the protocol reveals about this client's local computation.
+
+        ``num_samples`` is the number of distinct samples behind the update,
+        ``weight`` the aggregation weight sent with it (n_k, or that number
+        under ``weighting="processed"``).
+        """
         t = self.training
         b = self._batch_size()
         train_mode = t.bn_mode == "train"
         if t.algorithm == "fedsgd":
-            return Protocol("fedsgd", num_samples=b, batch_size=b, train_mode=train_mode)
+            weight = len(self) if t.weighting == "dataset" else b
+            return Protocol(
+                "fedsgd", num_samples=b, batch_size=b, train_mode=train_mode, weight=weight
+            )
         seen = min(len(self), b * t.local_steps)
         return Protocol(
             "fedavg",
@@ -110,6 +136,8 @@ class Client:
             lr=t.lr,
             momentum=t.momentum,
             train_mode=train_mode,
+            weight_decay=t.weight_decay,
+            weight=len(self) if t.weighting == "dataset" else seen,
         )
 
     def _batches(self, generator: torch.Generator) -> list[torch.Tensor]:
@@ -172,6 +200,7 @@ class Client:
             client_id=self.client_id,
             round=round,
             buffers=tuple(b.detach().clone() for b in float_buffers(model)),
+            weight=self.protocol().weight,
         )
         truth = GroundTruth(self.images[used], self.labels[used], self.client_id, round)
         return update, truth

@@ -130,9 +130,14 @@ def _reply_content(update: Update, truth: GroundTruth | None, protocol: Protocol
     meta = {
         "kind": update.kind,
         "num-samples": update.num_samples,
+        "weight": update.weight,
         "client-id": update.client_id,
         "round": update.round,
-        **{f"protocol.{k}": v for k, v in asdict(protocol).items() if k != "client_samples"},
+        **{
+            f"protocol.{k}": v
+            for k, v in asdict(protocol).items()
+            if k not in ("client_samples", "client_weights")  # an aggregate's, never a client's
+        },
     }
     content = {"update": _record(update.tensors), "meta": ConfigRecord(meta)}
     if update.buffers:
@@ -151,6 +156,7 @@ def _result_of(content, device) -> ClientResult:
         client_id=int(meta["client-id"]),
         round=int(meta["round"]),
         buffers=_tensors(content["buffers"], device) if "buffers" in content else (),
+        weight=int(meta["weight"]),
     )
     fields = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith("protocol.")}
     truth = None

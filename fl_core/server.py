@@ -8,14 +8,20 @@ knowing them):
 * ``listeners``: ``f(observation) -> None``, called for every client update of
   every round with exactly what the server sees (attackers are listeners);
 * ``aggregate_listeners``: ``f(observation) -> None``, called once per round
-  with what a server under secure aggregation sees: the sample-weighted mean
-  of the round's updates (:func:`fedavg`), ``client_id`` −1, and a protocol
-  whose ``num_samples`` is the total and ``client_samples`` the per-client
-  counts (all clients must share their local-training settings);
+  with what a server under secure aggregation sees: the weighted mean of the
+  round's updates (:func:`fedavg`), ``client_id`` −1, and a protocol whose
+  ``num_samples`` is the total, ``client_samples`` the per-client sample
+  counts and ``client_weights`` the per-client weights of the mean (all
+  clients must share their local-training settings);
 * ``truth_listeners``: ``f(ground_truth) -> None``, the separate channel that
   carries each client's data to the metrics;
 * ``aggregator``: ``f(updates) -> tuple[Tensor, ...]``, default
-  :func:`fedavg` (sample-weighted mean);
+  :func:`fedavg` (the mean weighted by each update's reported ``weight``).
+  The clients' BatchNorm statistics (``Update.buffers``) are aggregated by the
+  aggregator's ``aggregate_with_buffers(updates) -> (tensors, buffers)`` when
+  it has one (the robust rules of ``defenses.robust`` do: each rule also
+  governs the buffers, see :class:`~defenses.robust.RobustAggregator`), and
+  by :func:`fedavg_buffers` (the same weighted mean) otherwise;
 * ``post_aggregation``: ``f(parameters, *, round, generator) -> parameters``,
   applied in order to the new global parameters (e.g. CRFL);
 * ``evaluate``: ``f(model) -> dict[str, float]`` after each round.
@@ -34,7 +40,16 @@ from torch import nn
 from .client import Client, float_buffers
 from .types import GroundTruth, Observation, Protocol, RoundRecord, Update
 
-__all__ = ["ClientResult", "ENGINES", "Server", "client_generator", "fedavg", "round_generator"]
+__all__ = [
+    "ClientResult",
+    "ENGINES",
+    "Server",
+    "aggregate_with_buffers",
+    "client_generator",
+    "fedavg",
+    "fedavg_buffers",
+    "round_generator",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +83,95 @@ class ClientResult:
     protocol: Protocol
 
 
+def _weights(updates: Sequence[Update]) -> list[float]:
+    """The updates' reported weights, normalised to sum 1."""
+    w = torch.tensor([u.weight for u in updates], dtype=torch.float64)
+    return (w / w.sum()).tolist()
+
+
 def fedavg(updates: Sequence[Update]) -> tuple[torch.Tensor, ...]:
-    """Sample-weighted mean of updates (McMahan et al. 2017): Σ n_k u_k / Σ n_k."""
+    """Weighted mean of updates, FedAvg (McMahan et al. 2017, AISTATS, Algorithm 1).
+
+    Σ_k w_k u_k / Σ_k w_k with w_k the weight each update reports
+    (``Update.weight``): the client's dataset size n_k by default, as in the
+    paper's n_k / n; the samples it processed under
+    ``LocalTraining(weighting="processed")``.
+    """
     if not updates:
         raise ValueError("cannot aggregate an empty list of updates")
-    w = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
-    w = (w / w.sum()).tolist()
+    w = _weights(updates)
     return tuple(sum(wk * t for wk, t in zip(w, ts)) for ts in zip(*(u.tensors for u in updates)))
+
+
+def fedavg_buffers(updates: Sequence[Update]) -> tuple[torch.Tensor, ...]:
+    """The clients' buffers (BatchNorm statistics) averaged with :func:`fedavg`'s weights.
+
+    Returns ``()`` when the updates carry no buffers.
+    """
+    if not updates:
+        raise ValueError("cannot aggregate an empty list of updates")
+    if not updates[0].buffers:
+        return ()
+    if any(len(u.buffers) != len(updates[0].buffers) for u in updates):
+        raise ValueError("every update must carry the same buffers (BatchNorm statistics)")
+    w = _weights(updates)
+    return tuple(sum(wk * b for wk, b in zip(w, bs)) for bs in zip(*(u.buffers for u in updates)))
+
+
+def aggregate_with_buffers(
+    aggregator: Aggregator, updates: Sequence[Update]
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+    """The aggregate of the updates' tensors and of their buffers under ``aggregator``.
+
+    An aggregator with an ``aggregate_with_buffers`` method decides both (a
+    robust rule then also protects the BatchNorm statistics); any other
+    callable aggregates the tensors, and the buffers get :func:`fedavg_buffers`.
+    The buffers are ``()`` without any, or ``None`` where the rule keeps the
+    global model's buffers this round.
+    """
+    combined = getattr(aggregator, "aggregate_with_buffers", None)
+    if combined is not None:
+        return combined(updates)
+    if aggregator is not fedavg and updates and updates[0].buffers:
+        log.debug("aggregator %r has no aggregate_with_buffers: buffers by FedAvg", aggregator)
+    return aggregator(updates), fedavg_buffers(updates)
 
 
 def _aggregate_observation(round, spec, params, buffers, updates, protocols) -> Observation:
     """The secure-aggregation view of one round: only the weighted mean of all updates."""
     settings = {
         dataclasses.replace(
-            p, num_samples=0, client_samples=(), batch_size=p.batch_size * (p.algorithm != "fedsgd")
+            p,
+            num_samples=0,
+            client_samples=(),
+            weight=0,
+            client_weights=(),
+            batch_size=p.batch_size * (p.algorithm != "fedsgd"),
         )
         for p in protocols
     }  # FedSGD clients may differ in batch size: each sends one full-batch gradient
     if len(settings) != 1:
         raise ValueError(
             "aggregate listeners need clients with the same local-training settings "
-            "(algorithm, local steps, lr, and for FedAvg the batch size)"
+            "(algorithm, local steps, lr, momentum, weight decay, and for FedAvg the batch size)"
         )
     counts = tuple(u.num_samples for u in updates)
-    update = Update(fedavg(updates), updates[0].kind, sum(counts), client_id=-1, round=round)
-    protocol = dataclasses.replace(protocols[0], num_samples=sum(counts), client_samples=counts)
+    weights = tuple(u.weight for u in updates)
+    update = Update(
+        fedavg(updates),
+        updates[0].kind,
+        sum(counts),
+        client_id=-1,
+        round=round,
+        weight=sum(weights),
+    )
+    protocol = dataclasses.replace(
+        protocols[0],
+        num_samples=sum(counts),
+        client_samples=counts,
+        weight=sum(weights),
+        client_weights=weights,
+    )
     return Observation(round, -1, spec, params, buffers, update, protocol)
 
 
@@ -316,7 +395,7 @@ class Server:
         if len(kinds) != 1:
             raise ValueError(f"cannot aggregate a mix of update kinds: {sorted(kinds)}")
         sign = -1.0 if kinds == {"gradient"} else 1.0
-        aggregate = self.aggregator(updates)
+        aggregate, buffers = aggregate_with_buffers(self.aggregator, updates)
         params = list(self.model.parameters())
         with torch.no_grad():
             new = [p + sign * self.server_lr * a.to(p) for p, a in zip(params, aggregate)]
@@ -325,8 +404,6 @@ class Server:
                 new = list(post(new, round=round, generator=g))
             for p, v in zip(params, new):
                 p.copy_(v)
-            if updates[0].buffers:
-                w = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
-                w = (w / w.sum()).tolist()
-                for i, b in enumerate(float_buffers(self.model)):
-                    b.copy_(sum(wk * u.buffers[i] for wk, u in zip(w, updates)))
+            if buffers:
+                for b, v in zip(float_buffers(self.model), buffers, strict=True):
+                    b.copy_(v)

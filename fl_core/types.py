@@ -34,13 +34,19 @@ class Update:
         tensors: one tensor per model parameter, in ``model.parameters()`` order.
         kind: ``"gradient"`` (FedSGD: dL/dθ of one batch) or ``"delta"``
             (FedAvg: θ_local − θ_global after local steps).
-        num_samples: number of samples the update was computed on (the FedAvg
-            weight).
+        num_samples: number of distinct samples the update was computed on (a
+            FedSGD batch, or the ``min(n_k, b·E)`` samples E FedAvg steps of
+            batch b visit); what an attacker reconstructs.
         client_id: the client that sent it.
         round: the round it belongs to.
         buffers: the client's floating-point buffers (BatchNorm statistics)
             after local computation, in ``model.buffers()`` order; empty when
             the model has none.
+        weight: the aggregation weight the client reports with it. Clients of
+            :class:`~fl_core.client.Client` send their dataset size n_k, the
+            weight of McMahan et al. 2017 (AISTATS, Algorithm 1: n_k / n), or
+            ``num_samples`` under ``LocalTraining(weighting="processed")``.
+            ``None`` (the default for hand-made updates): ``num_samples``.
     """
 
     tensors: tuple[torch.Tensor, ...]
@@ -49,12 +55,17 @@ class Update:
     client_id: int = 0
     round: int = 0
     buffers: tuple[torch.Tensor, ...] = ()
+    weight: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("gradient", "delta"):
             raise ValueError(f"update kind must be 'gradient' or 'delta'; got {self.kind!r}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be positive; got {self.num_samples}")
+        if self.weight is None:
+            object.__setattr__(self, "weight", self.num_samples)
+        elif not self.weight > 0:
+            raise ValueError(f"weight must be positive (a sample count); got {self.weight}")
         object.__setattr__(self, "tensors", tuple(self.tensors))
         object.__setattr__(self, "buffers", tuple(self.buffers))
 
@@ -92,17 +103,28 @@ class Protocol:
 
     Attributes:
         algorithm: ``"fedsgd"`` or ``"fedavg"``.
-        num_samples: samples behind the update (sent for weighting).
+        num_samples: distinct samples the update was computed on
+            (``Update.num_samples``: the FedSGD batch, ``min(n_k, b·E)`` for
+            FedAvg); the number of samples an attack reconstructs.
         batch_size: local batch size.
         local_steps: local optimiser steps (1 for FedSGD).
         lr: local learning rate (FedAvg).
-        momentum: local SGD momentum (FedAvg).
+        momentum: local SGD momentum μ (FedAvg; ``torch.optim.SGD``'s heavy
+            ball, dampening 0, the buffer starting at the first gradient).
         loss: the training loss (``"cross_entropy"``, mean over the batch).
         train_mode: whether the model ran in train mode (BatchNorm uses batch
             statistics).
         client_samples: for an aggregate of several clients' updates (the
             secure-aggregation view), the number of samples behind each
             client's update, in client order; empty for a single client.
+        weight_decay: local SGD weight decay λ (FedAvg): ``λ·θ`` added to every
+            step's gradient, as ``torch.optim.SGD(weight_decay=λ)`` does.
+        weight: the aggregation weight sent with the update (``Update.weight``):
+            the dataset size n_k (McMahan et al. 2017, Algorithm 1) or the
+            samples processed, see ``LocalTraining.weighting``; ``None``:
+            ``num_samples``.
+        client_weights: for an aggregate, each client's weight in the mean, in
+            client order; empty for a single client.
     """
 
     algorithm: Literal["fedsgd", "fedavg"]
@@ -114,6 +136,13 @@ class Protocol:
     loss: str = "cross_entropy"
     train_mode: bool = True
     client_samples: tuple[int, ...] = ()
+    weight_decay: float = 0.0
+    weight: int | None = None
+    client_weights: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.weight is None:
+            object.__setattr__(self, "weight", self.num_samples)
 
 
 @dataclass(frozen=True, eq=False)

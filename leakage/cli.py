@@ -135,9 +135,28 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default=S, help="cpu or cuda (default cpu)")
     a.add_argument("--out", default=S, help="output folder (default: new folder under results/)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.add_argument(
+        "--threads",
+        default="auto",
+        type=_threads,
+        help="torch CPU threads: a count, or auto (default: one thread for victims under "
+        "100k parameters, torch's default otherwise)",
+    )
     add_train_parser(sub)
     add_fl_parser(sub)
     return p
+
+
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number or auto; got {text!r}")
+    return count
 
 
 def _attack(args: argparse.Namespace) -> int:
@@ -146,12 +165,12 @@ def _attack(args: argparse.Namespace) -> int:
     from .experiment import load_config, make_config, run_attack
 
     options: dict[str, Any] = {
-        k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")
+        k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet", "threads")
     }
     if "defenses" in options:
         options["defenses"] = [parse_defense_option(d) for d in options["defenses"]]
     cfg = load_config(args.config, **options) if args.config else make_config(options)
-    result = run_attack(cfg, progress=not args.quiet)
+    result = run_attack(cfg, progress=not args.quiet, threads=args.threads)
     s = result["summary"]
     psnr = "inf" if s["psnr"] is None else f"{s['psnr']:.2f}"
     print(

@@ -18,6 +18,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,153 @@ __all__ = [
 
 NORMALIZE_CHOICES = ("auto", "dataset", "none")
 BN_MODES = ("train", "eval")
+MAX_SEED = 2**63 - 1
+"""Seeds are whole numbers in [0, MAX_SEED] (torch's and numpy's generators both take them)."""
+
+
+# ----------------------------------------------------------------- value checks
+#
+# One-line ValueErrors naming the key and what it takes, for values read from YAML
+# files and --set flags (any YAML type may arrive: text, lists, dates, ...).
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_whole(
+    name: str,
+    value: Any,
+    *,
+    low: int | None = None,
+    high: int | None = None,
+    optional: bool = False,
+) -> int | None:
+    """``value`` as an int: a whole number (``2.0`` is 2) within ``[low, high]``.
+
+    Booleans, text and fractional numbers are refused; ``None`` only when ``optional``.
+    """
+    if value is None and optional:
+        return None
+    bounds = (
+        f" in [{low}, {high}]"
+        if low is not None and high is not None
+        else f" >= {low}"
+        if low is not None
+        else f" <= {high}"
+        if high is not None
+        else ""
+    )
+    what = f"{name} must be a whole number{bounds}{' or null' if optional else ''}"
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value) and value == int(value):
+        number = int(value)
+    if number is None or (low is not None and number < low) or (high is not None and number > high):
+        raise ValueError(f"{what}; got {_got(value)}")
+    return number
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    above: bool = False,
+    optional: bool = False,
+) -> float | None:
+    """``value`` as a finite float, at least ``low`` (more than ``low`` with ``above``).
+
+    Text that reads as a number is taken (YAML reads ``1e-4`` as text); booleans,
+    NaN and infinities are refused; ``None`` only when ``optional``.
+    """
+    if value is None and optional:
+        return None
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if above else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"<= {high:g}")
+    what = f"{name} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}"
+    what += " or null" if optional else ""
+    number = None
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            number = float(value.strip())
+    except (ValueError, OverflowError):
+        number = None
+    if (
+        number is None
+        or not math.isfinite(number)
+        or (low is not None and (number <= low if above else number < low))
+        or (high is not None and number > high)
+    ):
+        raise ValueError(f"{what}; got {_got(value)}")
+    return number
+
+
+def check_text(
+    name: str, value: Any, *, choices: Sequence[str] | None = None, optional: bool = False
+) -> str | None:
+    """``value`` as non-empty text (one of ``choices`` when given); ``None`` when ``optional``."""
+    if value is None and optional:
+        return None
+    if choices is not None:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"unknown {name} {_got(value)}; valid: {', '.join(choices)}")
+        return value
+    if not isinstance(value, str) or not value.strip():
+        what = "non-empty text" + (" or null" if optional else "")
+        raise ValueError(f"{name} must be {what}; got {_got(value)}")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool: YAML's true or false only."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false; got {_got(value)}")
+    return value
+
+
+def check_device(name: str, value: Any) -> str:
+    """A torch device name that this machine has (``cpu``, ``cuda``, ``cuda:N``)."""
+    check_text(name, value)
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} {value!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} {value!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {value!r}: no CUDA device here; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"{name} {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use cuda:0 .. cuda:N-1"
+        )
+    return value
+
+
+def check_scorable(shape: Sequence[int], what: str = "shape") -> None:
+    """Raise a one-line ValueError unless images of ``shape`` (C, H, W) can be scored.
+
+    Runs the metrics of :func:`~leakage.metrics.score_images` on one blank pair of
+    that shape (cheap; capped at 64 x 64, as they need a minimum size only), so what
+    the metrics need (SSIM's window fitting in the image) is checked before any
+    attack is run, not after it.
+    """
+    c, h, w = (int(s) for s in shape)
+    blank = torch.zeros(1, c, min(h, 64), min(w, 64))  # the metrics need a minimum size only
+    try:
+        score_images(blank, blank, data_range=1.0)
+    except ValueError as e:
+        text = " ".join(str(s) for s in shape)
+        raise ValueError(f"{what} {text} cannot be scored: {str(e).splitlines()[0]}") from None
 
 
 @dataclass(frozen=True)
@@ -151,11 +299,7 @@ class AttackConfig:
     out: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("images", "labels"):
-            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
-        object.__setattr__(self, "defenses", normalize_defenses(self.defenses or ()))
-        if self.shape is not None:
-            object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        self._check_types()
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size {self.batch_size}: use a positive integer")
         if self.images and self.batch_size is not None and self.batch_size != len(self.images):
@@ -207,6 +351,54 @@ class AttackConfig:
             )
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"unknown bn_mode {self.bn_mode!r}; valid: {', '.join(BN_MODES)}")
+        if self.shape is not None:
+            check_scorable(self.shape)
+
+    def _check_types(self) -> None:
+        """Every field of the right type (values from YAML may be anything), coerced."""
+
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("attack", "model", "dataset", "data_root", "threat"):
+            put(name, check_text(name, getattr(self, name)))
+        for name in ("activation", "label_strategy", "checkpoint", "out"):
+            put(name, check_text(name, getattr(self, name), optional=True))
+        for name in ("precision", "normalize", "bn_mode"):
+            if not isinstance(getattr(self, name), str):
+                check_text(name, getattr(self, name))  # the choices are checked below
+        for name in ("download", "train_split"):
+            put(name, check_flag(name, getattr(self, name)))
+        put("num_classes", check_whole("num_classes", self.num_classes, low=2))
+        put("index", check_whole("index", self.index))
+        put("local_steps", check_whole("local_steps", self.local_steps))
+        for name in ("batch_size", "local_batch_size", "clients", "steps", "restarts"):
+            put(name, check_whole(name, getattr(self, name), optional=True))
+        put("local_lr", check_number("local_lr", self.local_lr))
+        put("tv", check_number("tv", self.tv, low=0, optional=True))
+        put("seed", check_whole("seed", self.seed, low=0, high=MAX_SEED))
+        put("device", check_device("device", self.device))
+        for name in ("images", "labels"):
+            value = getattr(self, name)
+            if value is None:
+                value = ()
+            if not isinstance(value, (list, tuple)):
+                kind = "file paths" if name == "images" else "whole numbers"
+                raise ValueError(f"{name} must be a list of {kind}; got {_got(value)}")
+            put(name, tuple(value))
+        put("images", tuple(check_text("images", v) for v in self.images))
+        put("labels", tuple(check_whole("labels", v, low=0) for v in self.labels))
+        if self.shape is not None:
+            shape = self.shape
+            if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+                raise ValueError(f"shape must be three whole numbers C H W; got {_got(shape)}")
+            c, h, w = (check_whole("shape", v, low=1) for v in shape)
+            if c not in (1, 3):
+                raise ValueError(f"shape {c} {h} {w}: C (channels) must be 1 or 3")
+            put("shape", (c, h, w))
+        if self.defenses is not None and not isinstance(self.defenses, (list, tuple)):
+            raise ValueError("defenses must be a list, e.g. [{clip: {max_norm: 1.0}}]")
+        put("defenses", normalize_defenses(self.defenses or ()))
 
     def _subsampled(self) -> bool:
         """Whether some client's local batch is smaller than its share of the batch."""
@@ -488,14 +680,75 @@ def dp_ready(model, defenses) -> tuple[Any, bool]:
     return model, converted
 
 
-def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_if_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a failed run created, deepest first, while they are empty."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+SMALL_VICTIM_PARAMS = 100_000
+"""Victims with fewer parameters (the LeNets, 13-16k; the small CNN, 29-35k)
+attack on one CPU thread under ``threads="auto"``: their kernels are
+too small for a second OpenMP thread to pay, and on a shared machine a second
+thread that spins at every barrier is what makes a run slow down many times
+beside another busy process (``benchmarks/results/threads/``)."""
+
+
+def resolve_threads(threads: int | str | None, model: torch.nn.Module, device: str) -> int | None:
+    """The torch thread count an attack on ``model`` runs with; ``None``: leave torch's.
+
+    ``threads``: a positive count, ``"auto"`` (one thread for a victim with
+    fewer than :data:`SMALL_VICTIM_PARAMS` parameters on the CPU, torch's
+    default otherwise) or ``None`` (torch's default). Threads do not change
+    what an attack computes beyond float rounding of parallel reductions.
+    """
+    if threads is None:
+        return None
+    if threads == "auto":
+        small = sum(p.numel() for p in model.parameters()) < SMALL_VICTIM_PARAMS
+        return 1 if small and str(device).startswith("cpu") else None
+    count = check_whole("threads", threads, low=1)
+    return count
+
+
+def run_attack(
+    cfg: AttackConfig, *, progress: bool = False, threads: int | str | None = None
+) -> dict[str, Any]:
     """Run one experiment and write ``results.json``, ``reconstruction.png`` and ``history.png``.
+
+    Everything that can be checked is checked before the attack runs (the
+    configuration, the data, the victim, the round the attacker observes, that
+    the metrics can score images of the batch's shape), and the output folder is
+    created only then: bad input leaves no folder behind. The reconstruction is
+    saved (``reconstruction.pt``: images and labels) as soon as the attack
+    returns, before it is scored, so a failure while scoring or plotting never
+    loses a finished attack. Every file is written atomically.
+
+    ``threads`` sets torch's CPU threads for the attack (see
+    :func:`resolve_threads`; restored afterwards) and is recorded in
+    ``results.json`` as ``threads``.
 
     Returns:
         The dict written to ``results.json``.
     """
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no GPU is available; use --device cpu")
+    from .store import atomic_path, write_atomic
+
+    if threads is not None and threads != "auto":
+        check_whole("threads", threads, low=1)
+
     victim, checkpoint_meta = None, None
     if cfg.checkpoint:
         victim, checkpoint_meta = load_checkpoint(cfg.checkpoint)
@@ -509,8 +762,8 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
             normalize="dataset" if spec.normalize else "none",
         )
     attack = ATTACKS.build(cfg.attack, **cfg.attack_options())
-    out = prepare_out(cfg.out or default_out(cfg))
     batch, normalization = _target_batch(cfg)
+    check_scorable(batch.shape, "images of shape")
     if victim is None:
         victim = build_model(
             cfg.model,
@@ -540,26 +793,28 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
             else None
         )
 
+    target = Path(cfg.out or default_out(cfg))
+    created = _missing_folders(target)
+    out = prepare_out(target)
+    previous = torch.get_num_threads()
+    count = resolve_threads(threads, model, cfg.device)
+    if count is not None:
+        torch.set_num_threads(count)
     start = time.perf_counter()
-    rec = attack.reconstruct(
-        obs, generator=torch.Generator().manual_seed(cfg.seed), progress=progress
-    )
+    try:
+        rec = attack.reconstruct(
+            obs, generator=torch.Generator().manual_seed(cfg.seed), progress=progress
+        )
+    except BaseException:
+        _remove_if_empty(created)  # nothing written: bad input leaves no folder
+        raise
+    finally:
+        used = torch.get_num_threads()
+        torch.set_num_threads(previous)
     seconds = time.perf_counter() - start
+    with atomic_path(out / "reconstruction.pt") as tmp:  # kept whatever happens next
+        torch.save({"images": rec.images.detach().cpu(), "labels": rec.labels.detach().cpu()}, tmp)
 
-    scores = score_images(rec.images, gt.images.cpu(), data_range=1.0)
-    order = scores.order.tolist()
-    recovered = [int(rec.labels[j]) for j in order]
-    per_image = [
-        {
-            "name": batch.names[i] if len(gt.labels) == len(batch.labels) else f"sample {i}",
-            "psnr": _finite(float(scores.psnr[i])),
-            "ssim": float(scores.ssim[i]),
-            "mse": float(scores.mse[i]),
-            "true_label": int(gt.labels[i]),
-            "recovered_label": recovered[i],
-        }
-        for i in range(len(gt.labels))
-    ]
     result = {
         "config": {**cfg.to_dict(), "out": str(out), "activation": model.spec.activation},
         "attack_options": {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack)},
@@ -578,13 +833,9 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
         "seed": cfg.seed,
         "versions": package_versions(),
         "seconds": seconds,
-        "images": per_image,
-        "summary": {
-            "psnr": _finite(float(scores.psnr.mean())),
-            "ssim": float(scores.ssim.mean()),
-            "label_accuracy": label_accuracy(rec.labels.tolist(), gt.labels.tolist()),
-            "label_set_accuracy": label_set_accuracy(rec.labels.tolist(), gt.labels.tolist()),
-        },
+        "threads": used,
+        "images": [],
+        "summary": None,
         "attack": {
             "loss": _finite(rec.loss),
             "steps": rec.steps,
@@ -595,17 +846,48 @@ def run_attack(cfg: AttackConfig, *, progress: bool = False) -> dict[str, Any]:
             "history": [_finite(v) for v in rec.history],
         },
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        scores = score_images(rec.images, gt.images.cpu(), data_range=1.0)
+    except (ValueError, RuntimeError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        result["scoring_error"] = reason
+        write_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
+        raise ValueError(
+            f"the attack finished but its reconstruction could not be scored ({reason}); "
+            f"it is saved in {out / 'reconstruction.pt'}"
+        ) from None
+    order = scores.order.tolist()
+    recovered = [int(rec.labels[j]) for j in order]
+    result["images"] = [
+        {
+            "name": batch.names[i] if len(gt.labels) == len(batch.labels) else f"sample {i}",
+            "psnr": _finite(float(scores.psnr[i])),
+            "ssim": float(scores.ssim[i]),
+            "mse": float(scores.mse[i]),
+            "true_label": int(gt.labels[i]),
+            "recovered_label": recovered[i],
+        }
+        for i in range(len(gt.labels))
+    ]
+    result["summary"] = {
+        "psnr": _finite(float(scores.psnr.mean())),
+        "ssim": float(scores.ssim.mean()),
+        "label_accuracy": label_accuracy(rec.labels.tolist(), gt.labels.tolist()),
+        "label_set_accuracy": label_set_accuracy(rec.labels.tolist(), gt.labels.tolist()),
+    }
+    write_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
     title = f"{cfg.attack} on {cfg.model} ({model.spec.activation})"
-    plot_reconstruction(
-        gt.images.cpu(),
-        rec.images[order],
-        out / "reconstruction.png",
-        psnr=scores.psnr.tolist(),
-        ssim=scores.ssim.tolist(),
-        true_labels=gt.labels.tolist(),
-        recovered_labels=recovered,
-        title=title,
-    )
-    plot_history(rec.history, out / "history.png", title=title)
+    with atomic_path(out / "reconstruction.png") as tmp:
+        plot_reconstruction(
+            gt.images.cpu(),
+            rec.images[order],
+            tmp,
+            psnr=scores.psnr.tolist(),
+            ssim=scores.ssim.tolist(),
+            true_labels=gt.labels.tolist(),
+            recovered_labels=recovered,
+            title=title,
+        )
+    with atomic_path(out / "history.png") as tmp:
+        plot_history(rec.history, tmp, title=title)
     return result

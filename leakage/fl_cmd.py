@@ -47,14 +47,22 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import inspect
 import json
+import math
 import os
+import pickle
 import time
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from leakage.store import append_record, atomic_path, load_records, rewrite_records, write_atomic
 
 __all__ = [
     "ConfigClients",
@@ -69,6 +77,8 @@ ATTACK_KEYS = {"enable", "type", "fraction", "ids", "rounds", "seed"}
 ENGINES = ("local", "flower")
 EXECUTION_KEYS = ("engine", "batched", "ray_address")
 """Keys that choose how rounds are computed; a run may resume with other values."""
+STATE_FORMAT = "leakage-fl-state/2"
+"""``state.pt`` holds tensors and plain containers only (``torch.load(weights_only=True)``)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,10 @@ class FLConfig:
         rounds: FL rounds to run.
         algorithm: ``fedavg`` (local SGD, delta) or ``fedsgd`` (one gradient).
         local_steps, batch_size, lr, momentum, weight_decay: local training (FedAvg).
+        weighting: each client's FedAvg weight: ``dataset`` (its dataset size
+            n_k, McMahan et al. 2017) or ``processed`` (the samples its round
+            used, ``min(n_k, batch_size x local_steps)``); see
+            :class:`fl_core.client.LocalTraining`.
         server_lr: the server's step on the aggregate.
         eval_every: evaluate (and save state) every this many rounds, and after the last.
         attack_args: ``enable``, ``type`` (``byzantine``, ``label_flip``,
@@ -132,6 +146,7 @@ class FLConfig:
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
+    weighting: str = "dataset"
     server_lr: float = 1.0
     eval_every: int = 1
     attack_args: dict[str, Any] = field(default_factory=dict)
@@ -144,40 +159,108 @@ class FLConfig:
     out: str | None = None
 
     def __post_init__(self) -> None:
-        from fl_core.models import MODELS
+        from defenses.config import build_plan
+        from fl_core.client import WEIGHTINGS
+        from fl_core.models import ACTIVATIONS, MODELS
+        from leakage.experiment import (
+            MAX_SEED,
+            check_device,
+            check_flag,
+            check_number,
+            check_text,
+            check_whole,
+        )
 
-        MODELS.get(self.model)
-        for name in ("num_clients", "rounds", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")
-        k = self.clients_per_round
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        # types and ranges first: values from YAML and --set may be anything
+        for name in ("dataset", "data_root", "model"):
+            put(name, check_text(name, getattr(self, name)))
+        for name in ("activation", "ray_address", "out"):
+            put(name, check_text(name, getattr(self, name), optional=True))
+        put("partition", check_text("partition", self.partition, choices=("iid", "dirichlet")))
+        put("algorithm", check_text("algorithm", self.algorithm, choices=("fedavg", "fedsgd")))
+        put("engine", check_text("engine", self.engine, choices=ENGINES))
+        for name in ("train_limit", "test_limit"):
+            put(name, check_whole(name, getattr(self, name), low=1, optional=True))
+        for name in ("num_clients", "rounds", "local_steps", "eval_every"):
+            put(name, check_whole(name, getattr(self, name), low=1))
+        put("batch_size", check_whole("batch_size", self.batch_size, low=1, optional=True))
+        k = check_whole("clients_per_round", self.clients_per_round, optional=True)
         if k is not None and not 1 <= k <= self.num_clients:
             raise ValueError(f"clients_per_round must be in [1, {self.num_clients}]; got {k}")
-        if self.partition not in ("iid", "dirichlet"):
-            raise ValueError(f"unknown partition {self.partition!r}; valid: iid, dirichlet")
-        if self.partition == "dirichlet" and not self.alpha > 0:
-            raise ValueError(f"dirichlet alpha must be positive; got {self.alpha}")
-        self.local_training()
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as e:
-            raise ValueError(f"device {self.device!r}: use cpu, cuda or cuda:N ({e})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r}: no CUDA device here; use cpu")
-        if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
-        if self.batched not in (True, False, "auto"):
+        put("clients_per_round", k)
+        put("alpha", check_number("alpha", self.alpha, low=0, above=True))
+        put("lr", check_number("lr", self.lr, low=0, above=True))
+        put("server_lr", check_number("server_lr", self.server_lr, low=0, above=True))
+        put("momentum", check_number("momentum", self.momentum, low=0))
+        put("weight_decay", check_number("weight_decay", self.weight_decay, low=0))
+        put("weighting", check_text("weighting", self.weighting, choices=WEIGHTINGS))
+        put("seed", check_whole("seed", self.seed, low=0, high=MAX_SEED))
+        put("device", check_device("device", self.device))
+        if not (isinstance(self.batched, bool) or self.batched == "auto"):
             raise ValueError(f"batched must be auto, true or false; got {self.batched!r}")
+        for block in ("attack_args", "defense_args"):
+            value = getattr(self, block)
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{block} must be a mapping, e.g. {{enable: true, type: ...}}")
+            if not all(isinstance(key, str) for key in value):
+                raise ValueError(f"{block}: keys must be text; got {sorted(map(repr, value))}")
+            if "enable" in value:
+                check_flag(f"{block}: enable", value["enable"])
+            put(block, dict(value))
+
+        MODELS.get(self.model)
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; valid names: "
+                f"{', '.join(sorted(ACTIVATIONS))}"
+            )
+        self.local_training()
         if self.engine == "flower":
             from fl_core.flower import require_flower
 
             require_flower()
-        self.attack()  # checks the attack block's keys
-        from defenses.config import build_plan
-
-        aggregator = build_plan(self.defense_list()).aggregator  # checks the defenses
+        self.attack()  # checks the attack block's keys and values
+        defenses = self.defense_list()
+        aggregator = build_plan(defenses).aggregator  # checks the defenses
         if hasattr(aggregator, "check_clients"):  # and the rule against the round's size
             aggregator.check_clients(self.clients_per_round or self.num_clients)
+        if any(name == "dpsgd" for d in defenses for name in d):
+            self._check_dp_model()
+        try:
+            json.dumps(self.to_dict(), allow_nan=False)
+        except (TypeError, ValueError):
+            bad = []
+            for key, value in self.to_dict().items():
+                try:
+                    json.dumps(value, allow_nan=False)
+                except (TypeError, ValueError):
+                    bad.append(key)
+            raise ValueError(
+                f"{', '.join(bad)}: holds a value a JSON config cannot store "
+                "(use numbers, text, lists and mappings)"
+            ) from None
+
+    def _check_dp_model(self) -> None:
+        """DP-SGD needs per-sample gradients: refuse a victim Opacus cannot train (BatchNorm)."""
+        from defenses.dpsgd import dp_compatible
+        from fl_core.models import build_model
+
+        try:
+            spec = build_model(self.model, activation=self.activation).spec
+        except (ValueError, TypeError, RuntimeError):
+            return  # the data's shape may be needed: build_run says what is wrong
+        _, needs_conversion = dp_compatible(spec)
+        if needs_conversion:
+            raise ValueError(
+                f"dpsgd cannot train model {self.model}: its BatchNorm layers do not support "
+                "the per-sample gradients of differential privacy; choose a model without "
+                "BatchNorm (e.g. cnn, lenet, mlp) or another defense"
+            )
 
     def local_training(self):
         from fl_core.client import LocalTraining
@@ -189,6 +272,7 @@ class FLConfig:
             self.lr,
             self.momentum,
             self.weight_decay,
+            weighting=self.weighting,
         )
 
     def defense_list(self) -> list[Any]:
@@ -219,45 +303,214 @@ class FLConfig:
         return [{n: p} for n, p in normalize_defenses(items)]
 
     def attack(self) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
-        """``(type, selection, parameters)`` of ``attack_args``, or ``None`` when disabled."""
+        """``(type, selection, parameters)`` of ``attack_args``, or ``None`` when disabled.
+
+        Every value is checked here (types, ranges, whole numbers), so a bad one stops
+        the run before anything is built: ``fraction`` a share in [0, 1], ``ids``
+        distinct client ids, ``seed`` a whole number >= 0, ``rounds`` ``[start,
+        stop]`` (stop ``null`` for forever), and each of the type's own parameters
+        as its signature in :mod:`fl_core.adversaries` says.
+        """
         from fl_core.adversaries import ADVERSARIES
+        from leakage.experiment import MAX_SEED, check_number, check_text, check_whole
 
         args = dict(self.attack_args or {})
         if not args.pop("enable", True) or not args:
             return None
         if "type" not in args:
             raise ValueError(f"attack_args needs a type: {', '.join(ADVERSARIES.names())}")
-        kind = str(args.pop("type"))
-        ADVERSARIES.get(kind)
-        select = {k: args.pop(k) for k in ("fraction", "ids", "seed") if k in args}
+        kind = check_text("attack_args: type", args.pop("type"))
+        factory = ADVERSARIES.get(kind)
+        select: dict[str, Any] = {}
+        if "fraction" in args:
+            select["fraction"] = check_number(
+                "attack_args: fraction", args.pop("fraction"), low=0, high=1
+            )
+        if "ids" in args:
+            ids = args.pop("ids")
+            if not isinstance(ids, (list, tuple)):
+                raise ValueError(f"attack_args: ids must be a list of client ids; got {ids!r}")
+            what = "attack_args: ids"
+            ids = [check_whole(what, i, low=0, high=self.num_clients - 1) for i in ids]
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"attack_args: ids {ids} contain duplicates")
+            select["ids"] = ids
+        if "seed" in args:
+            seed = args.pop("seed")
+            select["seed"] = check_whole("attack_args: seed", seed, low=0, high=MAX_SEED)
         if ("fraction" in select) == ("ids" in select):
             raise ValueError("attack_args needs exactly one of fraction or ids")
-        if "rounds" in args and args["rounds"] is not None:
-            args["rounds"] = tuple(args["rounds"])
+        if "rounds" in args:
+            args["rounds"] = _check_rounds(args["rounds"])
+        args.update(_check_adversary_params(kind, factory, args))
         return kind, select, args
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def _check_rounds(rounds: Any) -> tuple[int, int | None] | None:
+    """``attack_args: rounds``: ``[start, stop)`` of the malicious rounds, stop null: forever."""
+    from leakage.experiment import check_whole
+
+    if rounds is None:
+        return None
+    what = "attack_args: rounds must be [start, stop] (stop null for forever)"
+    if not isinstance(rounds, (list, tuple)) or len(rounds) != 2:
+        raise ValueError(f"{what}; got {rounds!r}")
+    start = check_whole("attack_args: rounds start", rounds[0], low=0)
+    stop = check_whole("attack_args: rounds stop", rounds[1], low=start + 1, optional=True)
+    return start, stop
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return "true or false"
+    if hint is int:
+        return "a whole number"
+    if hint is float:
+        return "a finite number"
+    if hint is str:
+        return "text"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        words = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(words) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple, Sequence):
+        return f"a list of {_describe(args[0]).removeprefix('a ')}s" if args else "a list"
+    if origin in (dict, Mapping):
+        return "a mapping" + (
+            f" of {_describe(args[0])} to {_describe(args[1])}" if len(args) == 2 else ""
+        )
+    return getattr(hint, "__name__", str(hint))
+
+
+def _python_only(hint: Any) -> bool:
+    """Whether values of ``hint`` cannot come from YAML (functions, other objects)."""
+    origin = typing.get_origin(hint)
+    if origin is Callable or hint is Callable:
+        return True
+    plain = (bool, int, float, str, list, tuple, dict, Sequence, Mapping, type(None))
+    return origin is None and inspect.isclass(hint) and hint not in plain
+
+
+def _check_typed(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked (and coerced) against the type ``hint``; one-line ValueError if not."""
+    from leakage.experiment import check_number, check_whole
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    wrong = ValueError(f"{name} must be {_describe(hint)}; got {value!r}")
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if all(_python_only(a) for a in options):
+            return _check_typed(name, value, options[0])  # says it cannot come from a config
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _check_typed(name, value, option)
+            except ValueError:
+                continue
+        raise wrong
+    if origin is typing.Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise wrong
+    if origin is Callable or hint is Callable:
+        raise ValueError(f"{name} cannot be set from a config (it takes a Python function)")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if hint is int:
+        try:
+            return check_whole(name, value)
+        except ValueError:
+            raise wrong from None
+    if hint is float:
+        try:
+            return check_number(name, value)
+        except ValueError:
+            raise wrong from None
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise wrong
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise wrong
+            return tuple(_check_typed(name, v, a) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        return [_check_typed(name, v, item) for v in value]
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise wrong
+        kt, vt = args if len(args) == 2 else (Any, Any)
+        return {_check_typed(name, k, kt): _check_typed(name, v, vt) for k, v in value.items()}
+    if inspect.isclass(hint):
+        if isinstance(value, hint):
+            return value
+        raise ValueError(f"{name} cannot be set from a config (it takes a {hint.__name__})")
+    return value
+
+
+def _check_adversary_params(kind: str, factory: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The adversary's own parameters, named and typed as its signature says."""
+    sig = inspect.signature(factory)
+    valid = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(params) - set(valid) - {"rounds"})
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} for adversary {kind!r}; "
+            f"valid: {', '.join(valid)}"
+        )
+    missing = [
+        n for n in valid if sig.parameters[n].default is inspect.Parameter.empty and n not in params
+    ]
+    if missing:
+        raise ValueError(f"adversary {kind!r} needs parameter(s) {', '.join(missing)}")
+    try:
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:  # annotations this Python cannot evaluate: the adversary checks itself
+        hints = {}
+    out = {}
+    for name, value in params.items():
+        if name == "rounds":
+            continue
+        hint = hints.get(name, Any)
+        out[name] = _check_typed(f"attack_args: {name}", value, hint)
+    return out
+
+
 def load_fl_config(path: str | Path | None, **overrides: Any) -> FLConfig:
     """Read a YAML run description (``None``: the defaults) and lay ``overrides`` over it.
 
-    Unknown keys are rejected with the valid ones.
+    An override of ``None`` leaves the file's value. Unknown keys are rejected
+    with the valid ones, and every value is checked (:class:`FLConfig`).
     """
+    return _make_config(path, {k: v for k, v in overrides.items() if v is not None})
+
+
+def _make_config(path: str | Path | None, overrides: dict[str, Any]) -> FLConfig:
     from leakage.experiment import read_config_file
 
     data = read_config_file(path) if path is not None else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data.update(overrides)
     valid = [f.name for f in dataclasses.fields(FLConfig)]
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
         )
-    for block in ("attack_args", "defense_args"):
-        if data.get(block) is not None and not isinstance(data[block], dict):
-            raise ValueError(f"{block} must be a mapping, e.g. {{enable: true, type: ...}}")
     return FLConfig(**data)
 
 
@@ -322,15 +575,30 @@ class ConfigClients:
     Small and hashable (the config as JSON), so it travels with every message;
     each process builds the run's clients once, exactly as :func:`build_run`
     builds them for the in-process server.
+
+    Attributes:
+        config: the config as JSON.
+        client_states: a file of the clients' carried state (a lazy worker's
+            remembered update) to start from, written by a resumed run; ``""``:
+            none. Each process loads it when it builds the clients, so a node's
+            first round after a resume sees what the interrupted run left.
+        run: names one :func:`run_fl` call, so a process that served an earlier
+            run (a Ray worker kept alive) builds fresh clients rather than reuse
+            ones whose state moved on.
     """
 
     config: str
+    client_states: str = ""
+    run: str = ""
 
     def __call__(self):
         from fl_core.flower import ClientSide
 
         cfg = FLConfig(**json.loads(self.config))
         server, _, _ = build_run(cfg)
+        if self.client_states:
+            saved = _read_state(Path(self.client_states), cfg.device)
+            _restore_clients(server, saved["clients"])
         # this process's copy of the victim is the clients' working model
         return ClientSide(server.clients, server.client_defenses, server.model, cfg.seed)
 
@@ -350,31 +618,267 @@ def _evaluate(server, test, attack) -> dict[str, float]:
     return out
 
 
-def _stateful(server) -> dict[str, Any]:
-    """What a round leaves behind besides the weights: aggregator and lazy-worker state."""
+# ------------------------------------------------------------------ the run's saved state
+#
+# state.pt holds tensors and plain containers only, so it is read with
+# torch.load(weights_only=True): a file planted in the output folder cannot run
+# code. Objects are taken apart into plain data when saved and put back into the
+# objects a fresh build of the same config makes (never constructed from the file).
+
+_MISSING = object()
+
+
+def _record_types() -> dict[str, type]:
+    """The dataclasses a client's carried state may hold (rebuilt from their fields)."""
+    from fl_core.types import GroundTruth, Protocol, Update
+
+    return {c.__name__: c for c in (Update, GroundTruth, Protocol)}
+
+
+def _encode(value: Any, where: str) -> Any:
+    """A client's carried state as tensors and plain containers."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, tuple):
+        return tuple(_encode(v, where) for v in value)
+    if isinstance(value, list):
+        return [_encode(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, (str, int)) for k in value):
+        return {k: _encode(v, where) for k, v in value.items()}
+    name = type(value).__name__
+    if dataclasses.is_dataclass(value) and _record_types().get(name) is type(value):
+        fields = [f.name for f in dataclasses.fields(value) if f.init]
+        encoded = {f: _encode(getattr(value, f), where) for f in fields}
+        return {"__dataclass__": name, "fields": encoded}
+    raise ValueError(f"{where}: the run state cannot hold a {name}")
+
+
+def _decode(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        if "__dataclass__" in value:
+            cls = _record_types().get(value["__dataclass__"])
+            if cls is None:
+                raise ValueError(f"{where}: unknown record type {value['__dataclass__']!r}")
+            return cls(**{k: _decode(v, where) for k, v in value["fields"].items()})
+        return {k: _decode(v, where) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_decode(v, where) for v in value)
+    return value
+
+
+def _type_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _export(obj: Any, where: str) -> Any:
+    """The data of a server hook (aggregator, post-aggregation defense) as plain containers."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, tuple):
+        return tuple(_export(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, list):
+        return [_export(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise ValueError(f"{where}: the run state cannot hold a mapping with such keys")
+        return {k: _export(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if inspect.isroutine(obj):
+        return {"__callable__": f"{obj.__module__}.{obj.__qualname__}"}
+    if hasattr(obj, "__dict__") and not inspect.isclass(obj):
+        state = {k: _export(v, f"{where}.{k}") for k, v in vars(obj).items()}
+        return {"__object__": _type_name(obj), "state": state}
+    raise ValueError(f"{where}: the run state cannot hold a {type(obj).__qualname__}")
+
+
+def _restore(current: Any, saved: Any, where: str) -> Any:
+    """``saved`` (from :func:`_export`) put back into ``current``, the freshly built object."""
+    if isinstance(saved, dict) and "__object__" in saved:
+        if current is _MISSING or _type_name(current) != saved["__object__"]:
+            found = "nothing" if current is _MISSING else _type_name(current)
+            raise ValueError(
+                f"{where}: the saved state is a {saved['__object__']}, the config builds {found}"
+            )
+        for k, v in saved["state"].items():
+            object.__setattr__(current, k, _restore(vars(current).get(k, _MISSING), v, where))
+        return current
+    if isinstance(saved, dict) and "__callable__" in saved:
+        name = (
+            f"{current.__module__}.{current.__qualname__}" if inspect.isroutine(current) else None
+        )
+        if name != saved["__callable__"]:
+            raise ValueError(f"{where}: the saved state names {saved['__callable__']}")
+        return current
+    if isinstance(saved, (list, tuple)):
+        olds = (
+            list(current)
+            if isinstance(current, (list, tuple)) and len(current) == len(saved)
+            else [_MISSING] * len(saved)
+        )
+        return type(saved)(_restore(o, v, where) for o, v in zip(olds, saved))
+    if isinstance(saved, dict):
+        base = current if isinstance(current, dict) else {}
+        return {k: _restore(base.get(k, _MISSING), v, where) for k, v in saved.items()}
+    return saved
+
+
+def _layers(client: Any):
+    """The client and every client it wraps (``.client``), outermost first."""
+    while client is not None:
+        yield client
+        client = getattr(client, "client", None)
+
+
+def _stateful_layers(client: Any) -> bool:
+    return any(hasattr(layer, "client_state") for layer in _layers(client))
+
+
+def _client_states(server) -> dict[int, list[Any]]:
+    """What the clients carry between rounds (``client_state()``, e.g. a lazy worker's
+    remembered update), per client id and wrapper layer; clients carrying nothing left out."""
+    out = {}
+    for c in server.clients:
+        states = [
+            _encode(layer.client_state(), f"client {c.client_id}")
+            if hasattr(layer, "client_state")
+            else None
+            for layer in _layers(c)
+        ]
+        if any(s is not None for s in states):
+            out[int(c.client_id)] = states
+    return out
+
+
+def _restore_clients(server, saved: Mapping[int, Sequence[Any]]) -> None:
+    by_id = {c.client_id: c for c in server.clients}
+    for cid, states in saved.items():
+        if cid not in by_id:
+            raise ValueError(f"the saved state has client {cid}, which this config does not")
+        for layer, state in zip(_layers(by_id[cid]), states):
+            if state is None:
+                continue
+            if not hasattr(layer, "load_client_state"):
+                raise ValueError(f"client {cid}: the saved state does not fit this config")
+            layer.load_client_state(_decode(state, f"client {cid}"))
+
+
+def _run_state(server) -> dict[str, Any]:
+    """Everything a resumed run needs, as tensors and plain containers."""
     return {
-        "aggregator": server.aggregator,
-        "post_aggregation": server.post_aggregation,
-        "lazy": {c.client_id: c.last for c in server.clients if hasattr(c, "last")},
+        "format": STATE_FORMAT,
+        "round": int(server.round),
+        "model": {k: v.detach().clone() for k, v in server.model.state_dict().items()},
+        "aggregator": _export(server.aggregator, "aggregator"),
+        "post_aggregation": _export(list(server.post_aggregation), "post_aggregation"),
+        "clients": _client_states(server),
     }
+
+
+def _read_state(path: Path, device: str) -> dict[str, Any]:
+    """A state file of this module, loaded with ``weights_only=True``; one-line errors."""
+    try:
+        state = torch.load(path, weights_only=True, map_location=device)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path} holds Python objects, not only tensors and plain data, so it is not "
+            "loaded (an older leakage fl or something else wrote it): delete it to restart "
+            "the run, or use another --out"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        message = f"{path} cannot be read ({reason}): delete it, or use another --out"
+        raise ValueError(message) from None
+    if (
+        not isinstance(state, dict)
+        or state.get("format") != STATE_FORMAT
+        or not isinstance(state.get("round"), int)
+        or not isinstance(state.get("model"), dict)
+    ):
+        raise ValueError(
+            f"{path} is not a state file of this version of leakage fl: delete it to restart "
+            "the run, or use another --out"
+        )
+    return state
+
+
+def _apply_state(server, state: dict[str, Any]) -> None:
+    try:
+        server.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        reason = (str(e).splitlines() or ["mismatch"])[0]
+        raise ValueError(f"state.pt does not fit this config's model ({reason})") from None
+    server.round = state["round"]
+    server.aggregator = _restore(server.aggregator, state.get("aggregator"), "aggregator")
+    post = _restore(list(server.post_aggregation), state.get("post_aggregation", []), "post")
+    server.post_aggregation = list(post)
+    _restore_clients(server, state.get("clients", {}))
+
+
+class _Mirror:
+    """Keeps the server's copies of stateful clients (lazy workers) in step with the remote ones.
+
+    Under Flower a client's carried state lives in its node (``context.state``),
+    not in the server's client objects, so ``state.pt`` would lose it. After each
+    round the mirror recomputes, on the server, the round of each sampled client
+    that carries state, from the model that round broadcast and with the
+    generator the node used: the server's copy then carries what the node
+    carries. Only those clients are recomputed (a lazy worker's stale rounds cost
+    nothing).
+    """
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.work = server.model.spec.build().to(next(server.model.parameters()).device)
+        self.broadcast = self._snapshot()
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.server.model.state_dict().items()}
+
+    def after(self, record) -> None:
+        from fl_core.server import client_generator
+
+        by_id = {c.client_id: c for c in self.server.clients}
+        for cid in record.client_ids:
+            client = by_id.get(cid)
+            if client is None or not _stateful_layers(client):
+                continue
+            self.work.load_state_dict(self.broadcast)
+            g = client_generator(self.server.seed, record.round, cid)
+            client.compute_update(self.work, round=record.round, generator=g)
+        self.broadcast = self._snapshot()  # what the next round broadcasts
+
+
+def _valid_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        r for r in records if isinstance(r.get("round"), int) and not isinstance(r["round"], bool)
+    ]
 
 
 def run_fl(cfg: FLConfig, *, progress: bool = False, grid: Any = None) -> list[dict[str, Any]]:
     """Run (or resume) the config's rounds; returns the per-round records.
+
+    Nothing is written before the run is known to start: the settings are
+    compared with those of a run already in ``cfg.out``, the data are loaded,
+    the clients, attack and defenses built and a saved state loaded first. Every
+    file is then written atomically; an interruption at any point loses at most
+    the rounds since the last saved state, which a rerun redoes.
 
     ``grid``: a Flower ``Grid`` when called from a deployed ``ServerApp``
     (:mod:`leakage.flower_app`): the rounds then go to the SuperNodes behind it
     instead of a simulation runtime this call starts.
     """
     from leakage.experiment import prepare_out
-    from leakage.store import append_record, load_records
 
-    out = prepare_out(cfg.out or Path("results") / f"fl-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(cfg.out or Path("results") / f"fl-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("rounds", "out")}
     compared = {k: v for k, v in settings.items() if k not in EXECUTION_KEYS}
     stored = out / "config.json"
     if stored.exists():
-        previous = json.loads(stored.read_text())
+        try:
+            previous = json.loads(stored.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{stored} cannot be read ({e}): use another --out") from None
+        if not isinstance(previous, dict):
+            raise ValueError(f"{stored} is not a leakage fl config: use another --out")
         defaults = {f.name: f.default for f in dataclasses.fields(FLConfig)}
         now = json.loads(json.dumps(compared))
         # a key added to FLConfig after the run started counts as its default there
@@ -384,47 +888,55 @@ def run_fl(cfg: FLConfig, *, progress: bool = False, grid: Any = None) -> list[d
                 f"{out} holds a run with other settings ({', '.join(diff)}): "
                 "use the same config or another --out"
             )
-    else:
-        stored.write_text(json.dumps(settings, indent=2) + "\n")
-    records = load_records(out / "rounds.jsonl")
-    finished = (out / "rounds.csv").exists() and (out / "state.pt").exists()
+    records_path, state_path = out / "rounds.jsonl", out / "state.pt"
+    raw = load_records(records_path)
+    records = _valid_records(raw)
+    finished = (out / "rounds.csv").exists() and state_path.exists()
     if finished and records and records[-1]["round"] == cfg.rounds:
         return records  # done before: nothing to build, load or rerun
     server, test, attack = build_run(cfg)
-    state_path = out / "state.pt"
-    if state_path.exists():  # our own file: it holds the aggregator objects, so not weights_only
-        state = torch.load(state_path, weights_only=False, map_location=cfg.device)
-        server.model.load_state_dict(state["model"])
-        server.round = state["round"]
-        server.aggregator = state["aggregator"]
-        server.post_aggregation = state["post_aggregation"]
-        for c in server.clients:
-            if c.client_id in state["lazy"]:
-                c.last = state["lazy"][c.client_id]
-        kept = [r for r in records if r["round"] <= server.round]
-        if len(kept) != len(records):  # records past the saved state: that work is redone
-            (out / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-        records = kept
-        if not records or records[-1]["round"] != server.round:  # cut after the state was saved
-            record = {"round": server.round, **_evaluate(server, test, attack), "seconds": None}
-            append_record(out / "rounds.jsonl", record)
-            records.append(record)
+    _run_state(server)  # every hook's state can be saved: found now, not after round 1
+    state = _read_state(state_path, cfg.device) if state_path.exists() else None
+    if state is not None:
+        _apply_state(server, state)
+    remote = grid is not None or cfg.engine == "flower"
+    carried = _client_states(server)
+    if grid is not None and carried:
+        raise ValueError(
+            f"{out} holds a run whose clients carry state (a lazy worker's remembered "
+            "update) that a deployed Flower run cannot hand back to its SuperNodes: resume it "
+            "with engine local or flower (simulation), or use another --out"
+        )
+    out = prepare_out(out)  # the run starts: from here on its files are written
+    if not stored.exists():
+        write_atomic(stored, json.dumps(settings, indent=2) + "\n")
+    kept = [r for r in records if r["round"] <= server.round]
+    if len(kept) != len(raw):  # records past the saved state: that work is redone
+        rewrite_records(records_path, kept)
+    records = kept
+    if state is not None and (not records or records[-1]["round"] != server.round):
+        # cut after the state was saved: that round's record
+        record = {"round": server.round, **_evaluate(server, test, attack), "seconds": None}
+        append_record(records_path, record)
+        records.append(record)
+    mirror = _Mirror(server) if remote and any(map(_stateful_layers, server.clients)) else None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.rounds, initial=server.round, disable=not progress, desc="rounds")
     clock = [time.perf_counter()]
 
-    def after_round(_record=None) -> None:
+    def after_round(round_record=None) -> None:
+        if mirror is not None:
+            mirror.after(round_record)
         bar.update(1)
         t = server.round  # rounds done
         seconds, clock[0] = time.perf_counter() - clock[0], time.perf_counter()
         if t % cfg.eval_every and t != cfg.rounds:
             return
         record = {"round": t, **_evaluate(server, test, attack), "seconds": seconds}
-        tmp = out / "state.pt.tmp"
-        torch.save({"model": server.model.state_dict(), "round": t, **_stateful(server)}, tmp)
-        tmp.replace(state_path)  # the state and the record of round t land together
-        append_record(out / "rounds.jsonl", record)
+        with atomic_path(state_path) as tmp:  # the state and the record of round t land together
+            torch.save(_run_state(server), tmp)
+        append_record(records_path, record)
         records.append(record)
         clock[0] = time.perf_counter()  # the next round's time leaves evaluation out
 
@@ -435,7 +947,16 @@ def run_fl(cfg: FLConfig, *, progress: bool = False, grid: Any = None) -> list[d
     elif cfg.engine == "flower":
         from fl_core.flower import run_flower
 
-        source = ConfigClients(json.dumps({**settings, "rounds": cfg.rounds}))
+        states = ""
+        if carried:  # the nodes start from the state the interrupted run left
+            states = str((out / "client_states.pt").resolve())
+            with atomic_path(states) as tmp:
+                torch.save({**_run_state(server), "model": {}}, tmp)
+        source = ConfigClients(
+            json.dumps({**settings, "rounds": cfg.rounds}),
+            client_states=states,
+            run=f"{os.getpid()}-{time.time_ns()}",
+        )
         run_flower(
             server,
             source,
@@ -455,18 +976,18 @@ def run_fl(cfg: FLConfig, *, progress: bool = False, grid: Any = None) -> list[d
 
 
 def write_outputs(records: list[dict[str, Any]], out: Path, cfg: FLConfig) -> None:
-    """``rounds.csv`` and ``accuracy.png`` from the records."""
+    """``rounds.csv`` and ``accuracy.png`` from the records (each written atomically)."""
     from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it is
 
     cols = sorted({k for r in records for k in r}, key=lambda k: (k != "round", k))
-    with (out / "rounds.csv").open("w", newline="") as f:
+    with atomic_path(out / "rounds.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(records)
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     rounds = [r["round"] for r in records]
-    ax.plot(rounds, [r["accuracy"] for r in records], "o-", label="test accuracy")
+    ax.plot(rounds, [r.get("accuracy", math.nan) for r in records], "o-", label="test accuracy")
     if any("backdoor_success" in r for r in records):
         ax.plot(
             rounds, [r.get("backdoor_success") for r in records], "s--", label="backdoor success"
@@ -483,7 +1004,8 @@ def write_outputs(records: list[dict[str, Any]], out: Path, cfg: FLConfig) -> No
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
+    with atomic_path(out / "accuracy.png") as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 def add_fl_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -544,32 +1066,62 @@ def add_fl_parser(subparsers: Any) -> argparse.ArgumentParser:
     return f
 
 
-def config_from_args(args: argparse.Namespace) -> FLConfig:
-    """The run of ``leakage fl``: the YAML file (if any) with the flags laid over it."""
+def _yaml_value(flag: str, key: str, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        reason = (str(e).splitlines() or ["not YAML"])[0]
+        raise ValueError(f"{flag} {key}={text!r}: not a valid YAML value ({reason})") from None
+
+
+def _name_params(text: str, flag: str) -> tuple[str, dict[str, Any]]:
     import yaml
 
     from defenses.config import parse_name_params
 
-    overrides: dict[str, Any] = {"out": args.out, "rounds": args.rounds}
-    overrides["engine"] = getattr(args, "engine", None)
+    try:
+        return parse_name_params(text, flag)
+    except yaml.YAMLError as e:
+        reason = (str(e).splitlines() or ["not YAML"])[0]
+        raise ValueError(f"{flag} {text!r}: a value is not valid YAML ({reason})") from None
+
+
+def config_from_args(args: argparse.Namespace) -> FLConfig:
+    """The run of ``leakage fl``: the YAML file (if any) with the flags laid over it.
+
+    ``--set KEY=VALUE`` reads VALUE as YAML and always applies (``--set
+    activation=null`` clears the file's value); ``--out``, ``--rounds`` and
+    ``--engine`` apply when given.
+    """
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "out": args.out,
+            "rounds": args.rounds,
+            "engine": getattr(args, "engine", None),
+        }.items()
+        if v is not None
+    }
     for item in args.overrides or []:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"--set {item!r}: write KEY=VALUE (e.g. --set num_clients=20)")
-        overrides[key.strip()] = yaml.safe_load(value.strip())
+        overrides[key.strip()] = _yaml_value("--set", key.strip(), value.strip())
     if args.attack is not None:
         if args.attack.strip().lower() == "none":
             overrides["attack_args"] = {"enable": False}
         else:
-            kind, params = parse_name_params(args.attack, "--attack")
+            kind, params = _name_params(args.attack, "--attack")
             overrides["attack_args"] = {"enable": True, "type": kind, **params}
     if args.defenses is not None:
         if [d.strip().lower() for d in args.defenses] == ["none"]:
             overrides["defense_args"] = {"enable": False}
         else:
-            items = [parse_name_params(d, "--defense") for d in args.defenses]
+            items = [_name_params(d, "--defense") for d in args.defenses]
             overrides["defense_args"] = {"defenses": [{n: p or None} for n, p in items]}
-    return load_fl_config(args.config, **overrides)
+    return _make_config(args.config, overrides)
 
 
 def run_fl_command(args: argparse.Namespace) -> int:

@@ -6,13 +6,16 @@ observation reveals, differentiably, for many restarts at once:
 
 * ``fedsgd``: one client sends the gradient of the mean loss on its batch;
 * ``fedavg``: one client sends θ_E − θ_0 after E local SGD steps (lr η,
-  momentum μ, local batch b); the attacker runs the same E steps on the dummy
-  data with ``create_graph`` so the delta stays differentiable in the data
-  (Geiping et al. 2020, sec. 6, "federated averaging");
-* ``aggregate``: the server sees only the sample-weighted mean of K clients'
+  momentum μ, weight decay λ, local batch b); the attacker runs the same E
+  steps on the dummy data with ``create_graph`` so the delta stays
+  differentiable in the data (Geiping et al. 2020, sec. 6, "federated
+  averaging");
+* ``aggregate``: the server sees only the weighted mean of K clients'
   updates, as under secure aggregation; the dummy batch is the union of the K
-  batches, split into the clients' groups in order, and each group is pushed
-  through its own fedsgd or fedavg computation before the weighted mean.
+  batches, split into the clients' groups in order (``client_samples``), and
+  each group is pushed through its own fedsgd or fedavg computation before the
+  mean with the clients' reported weights (``client_weights``: their dataset
+  sizes n_k under FedAvg's default weighting, McMahan et al. 2017).
 
 What the attacker does not know and assumes (document it when you rely on it):
 the order in which a FedAvg client visits its samples. The simulation walks the
@@ -91,7 +94,12 @@ class UpdateSimulator:
         starts = [0, *torch.tensor(counts).cumsum(0).tolist()[:-1]]
         self.groups = list(zip(starts, counts))
         self.num_samples = sum(counts)
-        self.weights = [n / self.num_samples for n in counts]
+        reported = proto.client_weights or counts
+        if len(reported) != len(counts):
+            raise ValueError(
+                f"the aggregate reports {len(reported)} client weights for {len(counts)} clients"
+            )
+        self.weights = [w / sum(reported) for w in reported]
         if self.kind == "delta" and (proto.lr <= 0 or proto.local_steps < 1):
             raise ValueError("a FedAvg observation must reveal its local lr and steps")
         self._grad = grad(self._loss)
@@ -151,6 +159,8 @@ class UpdateSimulator:
         params, velocity = start, None
         for idx in self._plans[len(x)]:
             g = self._gradient(params, x[idx], y[idx], batched)
+            if proto.weight_decay:  # torch.optim.SGD: g ← g + λ·θ
+                g = {k: g[k] + proto.weight_decay * params[k] for k in g}
             if proto.momentum:  # torch.optim.SGD: v ← μ·v + g, θ ← θ − η·v
                 velocity = (
                     g if velocity is None else {k: proto.momentum * velocity[k] + g[k] for k in g}

@@ -39,6 +39,7 @@ __all__ = [
     "BACKENDS",
     "ScriptFunction",
     "add_parallel_args",
+    "check_parallel",
     "load_script",
     "parallel_options",
     "run_cells",
@@ -130,6 +131,35 @@ def _ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
+def check_parallel(
+    *,
+    workers: int = 1,
+    backend: str = "auto",
+    ray_address: str | None = None,
+    threads: int | None = 1,
+    gpus: float = 0.0,
+) -> bool:
+    """Check :func:`run_cells`' parallel options; returns whether they run on Ray.
+
+    Scripts call it before any expensive set-up (training victims, loading data)
+    so that a bad option costs nothing.
+    """
+    del gpus  # any fraction is valid; Ray checks it against the cluster
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if workers < 1:
+        raise ValueError(f"workers {workers}: use a positive integer")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads {threads}: use a positive integer, or None for torch's own")
+    if ray_address is not None and backend == "process":
+        raise ValueError("a Ray address needs backend 'ray' or 'auto', not 'process'")
+    parallel = workers > 1 or ray_address is not None
+    use_ray = parallel and backend != "process" and (backend == "ray" or _ray_available())
+    if use_ray and not _ray_available():
+        raise ValueError("Ray is not installed: pip install ray, or use backend 'process'")
+    return use_ray
+
+
 def run_cells(
     cells: Iterable[Hashable],
     fn: Callable[[Any], Record],
@@ -169,18 +199,10 @@ def run_cells(
     Returns:
         The records of the cells run now, in the order they finished.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if workers < 1:
-        raise ValueError(f"workers {workers}: use a positive integer")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads {threads}: use a positive integer, or None for torch's own")
-    if ray_address is not None and backend == "process":
-        raise ValueError("a Ray address needs backend 'ray' or 'auto', not 'process'")
+    use_ray = check_parallel(
+        workers=workers, backend=backend, ray_address=ray_address, threads=threads
+    )
     parallel = workers > 1 or ray_address is not None
-    use_ray = parallel and backend != "process" and (backend == "ray" or _ray_available())
-    if use_ray and not _ray_available():
-        raise ValueError("Ray is not installed: pip install ray, or use backend 'process'")
     if store is not None and key is None:
         raise ValueError("a store needs key(record) -> cell to find the finished cells")
     cells = list(cells)

@@ -1,7 +1,8 @@
-"""The packages' public API (HOUSE_STYLE.md, item 1) and the defenses' skeleton.
+"""The packages' public API and the defenses' skeleton.
 
 Each package declares its public names in a sorted ``__all__`` and every listed
-name exists; ``DESIGN.md`` fixes who may import whom.
+name exists; imports run one way, app -> library -> defenses -> fl_core (the
+README's Layout section).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def test_all_is_sorted_unique_and_complete(package):
 
 
 def test_import_direction():
-    """DESIGN.md: ``fl_core`` imports neither ``leakage`` nor ``defenses``;
+    """The layering: ``fl_core`` imports neither ``leakage`` nor ``defenses``;
     ``defenses`` imports ``fl_core`` only (a fresh interpreter, so that this test
     session's imports do not count)."""
     code = (

@@ -38,6 +38,7 @@ from .auto import _auto as _auto
 from .base import (
     LABEL_STRATEGIES,
     LastLayer,
+    delta_coefficients,
     last_layer,
     recover_labels,
 )
@@ -63,6 +64,7 @@ from .yin import per_class_minimum_labels, yin
 __all__ = [
     "LABEL_STRATEGIES",
     "LastLayer",
+    "delta_coefficients",
     "idlg",
     "idlg_label",
     "ilrg",

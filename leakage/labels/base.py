@@ -9,6 +9,7 @@ helpers check a strategy's inputs and turn real-valued class counts into labels.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from fl_core.types import Observation
 
 from ..objectives import last_linear
 
-__all__ = ["LABEL_STRATEGIES", "LastLayer", "last_layer", "recover_labels"]
+__all__ = ["LABEL_STRATEGIES", "LastLayer", "delta_coefficients", "last_layer", "recover_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,74 @@ class LastLayer:
         return self.weight.shape[0]
 
 
+def delta_coefficients(
+    lr: float, local_steps: int, momentum: float = 0.0, weight_decay: float = 0.0
+) -> tuple[float, float]:
+    """``(a, c)`` with Δ = a·G + c·θ_0 after E steps of ``torch.optim.SGD`` at a constant G.
+
+    The local steps of FedAvg (McMahan et al. 2017) as ``torch.optim.SGD`` takes
+    them (dampening 0, no Nesterov): d_s = G + λ·θ_{s−1}, v_1 = d_1,
+    v_s = μ·v_{s−1} + d_s, θ_s = θ_{s−1} − η·v_s. When the loss gradient G is
+    the same at every step, every coordinate follows this linear recursion, so
+    the delta Δ = θ_E − θ_0 is a·G + c·θ_0; the coefficients come from running
+    it on the scalars (G, θ_0) = (1, 0) and (0, 1). Without weight decay c = 0
+    and a = −η·Σ_{j=1..E} (1 − μ^j)/(1 − μ) (−η·E without momentum); one step
+    gives a = −η, c = −η·λ whatever μ.
+
+    Args:
+        lr: η > 0.
+        local_steps: E >= 1.
+        momentum: μ >= 0.
+        weight_decay: λ >= 0.
+
+    Returns:
+        ``(a, c)``, floats; ``a < 0``.
+    """
+    values = (lr, momentum, weight_decay)
+    if not (
+        all(math.isfinite(v) for v in values) and lr > 0 and momentum >= 0 and weight_decay >= 0
+    ):
+        raise ValueError(
+            f"a FedAvg delta reveals a gradient only with a positive finite learning rate and "
+            f"non-negative momentum and weight decay; the protocol says lr={lr}, "
+            f"momentum={momentum}, weight_decay={weight_decay}"
+        )
+    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+        raise ValueError(
+            f"a FedAvg delta reveals a gradient only with its local step count; "
+            f"the protocol says local_steps={local_steps}"
+        )
+
+    def delta(g: float, theta0: float) -> float:
+        theta, v = theta0, 0.0
+        for s in range(local_steps):
+            d = g + weight_decay * theta
+            v = d if s == 0 else momentum * v + d
+            theta = theta - lr * v
+        return theta - theta0
+
+    a, c = delta(1.0, 0.0), delta(0.0, 1.0)
+    if not (math.isfinite(a) and math.isfinite(c)) or a == 0:
+        raise ValueError(
+            f"lr={lr}, local_steps={local_steps}, momentum={momentum}, "
+            f"weight_decay={weight_decay}: the local steps do not determine the gradient "
+            "from the delta (the step sizes overflow); use the FedSGD gradient"
+        )
+    return a, c
+
+
 def last_layer(obs: Observation, *, model: nn.Module | None = None) -> LastLayer:
     """The last linear layer's gradient and global parameters, read from an Observation.
 
-    A FedSGD update is the gradient. A FedAvg delta Δ = θ_local − θ_global implies the
-    gradient −Δ / (lr · local_steps): exact after one plain SGD step (with or without
-    momentum, whose buffer starts at the first gradient), an approximation after
-    several, where it is the mean of gradients taken at moving parameters.
+    A FedSGD update is the gradient. A FedAvg delta Δ = θ_local − θ_global is turned
+    into the gradient G it implies with everything the protocol reveals about the
+    local steps (lr η, steps E, momentum μ, weight decay λ): G = (Δ − c·θ_global) / a
+    with the coefficients of :func:`delta_coefficients` (the constant-gradient model
+    of E ``torch.optim.SGD`` steps). That is −Δ/(η·E) for plain SGD. It is exact
+    after one step (G = −Δ/η − λ·θ_global, with or without momentum, whose buffer
+    starts at the first gradient); after several it estimates the mean of gradients
+    taken at moving parameters. An aggregate of clients with the same local
+    settings (the secure-aggregation view) gives the weighted mean of their G.
 
     Args:
         obs: what the server saw of one client (or of an aggregate).
@@ -88,24 +150,25 @@ def last_layer(obs: Observation, *, model: nn.Module | None = None) -> LastLayer
 
     Raises:
         ValueError: If the model has no Linear layer, or a delta comes without a
-            positive learning rate.
+            positive learning rate, a step count, or with local settings that do
+            not determine the gradient.
     """
     model = obs.model() if model is None else model
     w_idx, b_idx = last_linear(model)
     tensors = obs.update.tensors
-    if obs.update.kind == "gradient":
-        scale = 1.0
-    else:
-        lr, steps = obs.protocol.lr, obs.protocol.local_steps
-        if not lr > 0 or steps < 1:
-            raise ValueError(
-                f"a FedAvg delta reveals a gradient only with the local learning rate and "
-                f"step count; the protocol says lr={lr}, local_steps={steps}"
-            )
-        scale = -1.0 / (lr * steps)
+
+    def gradient(i: int) -> Tensor:
+        t = tensors[i].detach()
+        if obs.update.kind == "gradient":
+            return t
+        p = obs.protocol
+        a, c = delta_coefficients(p.lr, p.local_steps, p.momentum, p.weight_decay)
+        theta0 = obs.parameters[i].detach().to(t)
+        return (t - c * theta0) / a if c else t / a
+
     return LastLayer(
-        weight_grad=tensors[w_idx].detach() * scale,
-        bias_grad=None if b_idx is None else tensors[b_idx].detach() * scale,
+        weight_grad=gradient(w_idx),
+        bias_grad=None if b_idx is None else gradient(b_idx),
         weight=obs.parameters[w_idx].detach(),
         bias=None if b_idx is None else obs.parameters[b_idx].detach(),
     )

@@ -1,10 +1,13 @@
-"""CRFL (Xie, Chen, Chen, Li, ICML 2021): clipping + noise hook, Hoeffding bounds, radius, certify.
+"""CRFL (Xie, Chen, Chen, Li, ICML 2021): clipping + noise hook, joint bounds, radius, certify.
 
 Expected numbers come from hand arithmetic written out in each test: the clip
-factor min(1, ρ/‖θ‖), Hoeffding's ε = sqrt(ln(1/α) / 2M) and the radius of the
-paper's certification theorem as the reference ``AI-secure/CRFL`` computes it
+factor min(1, ρ/‖θ‖), Hoeffding's ε = sqrt(ln(1/ℓ) / 2M) at the Bonferroni level
+ℓ = α/(2K) (or the split of a separate selection sample, Cohen et al. 2019),
+closed-form Clopper-Pearson bounds at 0 or M votes, and the radius of the
+paper's certified-radius theorem as the reference ``AI-secure/CRFL`` computes it
 (``certify_mnist.py``, ``cal_prob_bound``). Φ in the hand computations is
 :class:`statistics.NormalDist`, independent of the ``math.erf`` the module uses.
+The coverage tests simulate votes from known class probabilities.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from statistics import NormalDist
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from defenses.crfl import (
@@ -28,6 +32,7 @@ from defenses.crfl import (
     clip_global_norm,
     hoeffding_bounds,
     smoothed_votes,
+    top_two_bounds,
 )
 from fl_core import Client, LocalTraining, Server, build_model
 from fl_core.server import SERVER_STREAM, round_generator
@@ -170,12 +175,97 @@ def test_other_inputs_checked():
 def test_hoeffding_bounds_by_hand():
     counts = torch.tensor([[900, 80, 20], [500, 500, 0], [0, 3, 997]])
     top, pa, runner, pb = hoeffding_bounds(counts, alpha=0.001)
-    eps = math.sqrt(math.log(1 / 0.001) / (2 * 1000))  # = 0.05877...
+    # A and B are chosen from these votes: Bonferroni over the 2K = 6 one-sided bounds, each
+    # at level α/6, so Hoeffding's exp(−2Mε²) = α/6 gives ε = sqrt(ln(6/α) / 2M) = 0.065953
+    # (the reference's uncorrected sqrt(ln(1/α) / 2M) = 0.058773 does not hold at 1 − α)
+    eps = math.sqrt(math.log(6 / 0.001) / (2 * 1000))
+    assert eps == pytest.approx(0.065953, abs=1e-6)
     assert top.tolist() == [0, 0, 2] and runner.tolist() == [1, 1, 1]  # ties: lowest index
     assert pa.tolist() == pytest.approx([0.9 - eps, 0.5 - eps, 0.997 - eps], abs=1e-12)
+    # p_B upper is also capped at 1 − p_A lower (Σ p = 1): row 1, 0.5 + ε = 1 − (0.5 − ε)
     assert pb.tolist() == pytest.approx([0.08 + eps, 0.5 + eps, 0.003 + eps], abs=1e-12)
-    floor = hoeffding_bounds(torch.tensor([[1, 1, 0]]), alpha=0.001)  # 0.5 - 0.83 < 0
+    floor = hoeffding_bounds(torch.tensor([[1, 1, 0]]), alpha=0.001)  # 0.5 - 1.4 < 0
     assert float(floor[1]) == 1e-8 and float(floor[3]) == 1 - 1e-8
+
+
+def test_bounds_with_a_selection_sample_by_hand():
+    # Cohen et al. 2019's CERTIFY: A from independent votes, so no correction for choosing A;
+    # α/2 to p_A, α/2 spread over the K − 1 = 2 other classes' upper bounds
+    counts = torch.tensor([[900, 80, 20], [300, 600, 100]])
+    selection = torch.tensor([[10, 0, 0], [9, 1, 0]])  # row 1: selection picks class 0
+    top, pa, runner, pb = hoeffding_bounds(counts, alpha=0.001, selection=selection)
+    eps_a = math.sqrt(math.log(2 / 0.001) / 2000)  # 0.061648
+    eps_b = math.sqrt(math.log(4 / 0.001) / 2000)  # 0.064397
+    assert (eps_a, eps_b) == pytest.approx((0.061648, 0.064397), abs=1e-6)
+    assert top.tolist() == [0, 0] and runner.tolist() == [1, 1]
+    assert pa.tolist() == pytest.approx([0.9 - eps_a, 0.3 - eps_a], abs=1e-12)
+    # row 1: 0.6 + ε_B = 0.664 is below 1 − p_A lower = 0.762: the cap does not bind
+    assert pb.tolist() == pytest.approx([0.08 + eps_b, 0.6 + eps_b], abs=1e-12)
+    with pytest.raises(ValueError, match="selection votes must be"):
+        hoeffding_bounds(counts, alpha=0.001, selection=selection[:1])
+
+
+def test_clopper_pearson_bounds_by_hand():
+    # all M votes for one class: the exact lower bound solves p^M = ℓ, p = ℓ^(1/M); no vote
+    # for the runner-up: the upper bound solves (1 − p)^M = ℓ, p = 1 − ℓ^(1/M)
+    # (Clopper and Pearson 1934); Bonferroni level ℓ = α / (2K) = 0.01 / 4
+    m, alpha = 50, 0.01
+    top, pa, runner, pb = top_two_bounds(
+        torch.tensor([[m, 0]]), alpha=alpha, method="clopper_pearson"
+    )
+    level = alpha / 4
+    assert float(pa) == pytest.approx(level ** (1 / m), rel=1e-9)
+    assert float(pb) == pytest.approx(1 - level ** (1 / m), rel=1e-9)
+    # 1 vote of 2 (M = 2): P(k >= 1 | p) = 1 − (1 − p)² = ℓ gives p = 1 − sqrt(1 − ℓ)
+    _, pa, _, pb = top_two_bounds(torch.tensor([[1, 1]]), alpha=alpha, method="clopper_pearson")
+    assert float(pa) == pytest.approx(1 - math.sqrt(1 - level), rel=1e-9)
+    assert float(pb) == pytest.approx(1 - float(pa), rel=1e-9)  # capped at 1 − p_A lower
+    with pytest.raises(ValueError, match="unknown bound 'wilson'; valid: hoeffding"):
+        top_two_bounds(torch.tensor([[1, 1]]), alpha=alpha, method="wilson")
+
+
+def _simulated_votes(p: list[float], trials: int, m: int, seed: int) -> torch.Tensor:
+    """(trials, K) vote counts: each row M draws from the known class probabilities p."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial(torch.tensor(p), trials * m, replacement=True, generator=g)
+    return F.one_hot(draws.reshape(trials, m), len(p)).sum(1)
+
+
+def _failure_rate(p, counts, top, pa, pb) -> float:
+    """Share of trials whose certificate is wrong: p_A < p_A lower or max_{c≠A} p_c > p_B upper."""
+    probs = torch.tensor(p, dtype=torch.float64)
+    p_top = probs[top]
+    others = probs.expand(len(top), -1).scatter(1, top[:, None], -1.0).max(1).values
+    return float(((p_top < pa) | (others > pb)).double().mean())
+
+
+@pytest.mark.parametrize("method", ["clopper_pearson", "hoeffding"])
+@pytest.mark.parametrize("p", [[0.5, 0.5], [0.4, 0.4, 0.2]])
+def test_coverage_at_the_stated_level_when_the_classes_are_chosen_from_the_votes(p, method):
+    """With no true top class (p known), choosing A as the most voted class biases p_A
+    upwards: exact per-class bounds at level α then fail in ~2α of the trials for K = 2
+    (whichever class wins, its share is the maximum of two); the corrected bounds fail in at
+    most α, up to the binomial spread of the simulation (sd sqrt(α(1 − α)/T) = 0.0063).
+    Measured with these seeds: uncorrected Clopper-Pearson fails in 0.38 (K = 2) and 0.52
+    (K = 3) of the trials, the corrected bounds in 0.08. Hoeffding's slack for shares far
+    from 1/2 hides the bias in simulation (uncorrected: 0.08 and 0.13), so for Hoeffding the
+    hand-computed ε of test_hoeffding_bounds_by_hand is the check that can fail."""
+    alpha, trials, m = 0.2, 4000, 100
+    counts = _simulated_votes(p, trials, m, seed=len(p))
+    top, pa, _, pb = top_two_bounds(counts, alpha=alpha, method=method)
+    assert _failure_rate(p, counts, top, pa, pb) <= alpha + 3 * math.sqrt(alpha * 0.8 / trials)
+
+
+@pytest.mark.parametrize("p", [[0.5, 0.5], [0.4, 0.4, 0.2]])
+def test_coverage_with_a_separate_selection_sample(p):
+    alpha, trials, m = 0.2, 4000, 100
+    counts = _simulated_votes(p, trials, m, seed=10 + len(p))
+    selection = _simulated_votes(p, trials, 20, seed=20 + len(p))  # independent votes
+    top, pa, _, pb = top_two_bounds(
+        counts, alpha=alpha, selection=selection, method="clopper_pearson"
+    )
+    assert torch.equal(top, selection.argmax(1))
+    assert _failure_rate(p, counts, top, pa, pb) <= alpha + 3 * math.sqrt(alpha * 0.8 / trials)
 
 
 def _reference_threat(**kw) -> ThreatModel:
@@ -204,7 +294,11 @@ def test_radius_by_hand_reference_mnist_setting():
     expected = math.sqrt(budget * 0.01**2 / denominator)
     got = certified_radius(pa, pb, defense=CRFL(), threat=_reference_threat())
     assert float(got) == pytest.approx(expected, rel=1e-12)
-    assert float(got) == pytest.approx(1.974995, rel=1e-6)  # the number itself, for the record
+    # the same number by hand, digit by digit, from RAD² = −ln(1 − (√p_A − √p_B)²)·σ² / denominator:
+    #   (√0.9 − √0.05)² = 0.9 + 0.05 − 2√(0.9·0.05) = 0.95 − 2·0.2121320 = 0.5257359
+    #   −ln(1 − 0.5257359) = −ln(0.4742641) = 0.7459910
+    #   RAD² = 0.7459910 · 0.01² / 1.9125e-5 = 3.900607, RAD = √3.900607 = 1.974995
+    assert float(got) == pytest.approx(1.974995, rel=1e-6)
 
 
 def test_radius_by_hand_with_active_contraction():
@@ -280,7 +374,7 @@ def test_certify_toy_model_by_hand():
         alpha=alpha,
         generator=torch.Generator().manual_seed(0),
     )
-    eps = math.sqrt(math.log(1 / alpha) / (2 * m))
+    eps = math.sqrt(math.log(2 * 3 / alpha) / (2 * m))  # Bonferroni over 2K = 6 bounds
     assert res.counts[0].tolist() == [m, 0, 0]
     assert int(res.counts[1].sum()) == m and int(res.counts[1, 2]) == 0
     assert float(res.pa_lower[0]) == pytest.approx(1 - eps)

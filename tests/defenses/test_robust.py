@@ -26,7 +26,8 @@ from fl_core.models import build_model
 from fl_core.server import Server
 from fl_core.types import Update
 
-# REFERENCES.md "Robust aggregation (oracles)", from Flower's server/strategy/aggregate.py
+# Oracles: what Flower's aggregate_median, aggregate_krum and aggregate_trimmed_avg
+# (adap/flower, src/py/flwr/server/strategy/aggregate.py) return on this X
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
 
 
@@ -318,7 +319,9 @@ def _server_round(aggregator, sizes=(2, 3, 4, 5)):
     for i, n in enumerate(sizes):
         g = _gen(100 + i)
         images, labels = torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
-        clients.append(Client(i, images, labels, training=LocalTraining("fedsgd")))
+        # batch 2: every update is computed on 2 samples, but reports its client's n_k as
+        # its weight (McMahan et al. 2017), so the weighted rules must read ``weight``
+        clients.append(Client(i, images, labels, training=LocalTraining("fedsgd", batch_size=2)))
     calls: list[tuple[list[Update], tuple[torch.Tensor, ...]]] = []
 
     def recording(updates):
@@ -349,7 +352,8 @@ def test_robust_aggregator_in_a_server_round(name, params, torch_single_thread):
     ((updates, out),) = calls
     assert [t.shape for t in out] == [p.shape for p in model.parameters()]
     x = torch.stack([u.flat for u in updates])  # (4, d)
-    w = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
+    assert [u.num_samples for u in updates] == [2, 2, 2, 2]
+    w = torch.tensor([2.0, 3.0, 4.0, 5.0], dtype=torch.float64)  # the clients' sizes n_k
     if name == "foolsgold":
         expected = FoolsGold()(x, client_ids=[u.client_id for u in updates], weights=w)
     else:
@@ -366,7 +370,7 @@ def test_centered_clipping_aggregator_starts_at_the_previous_aggregate(torch_sin
     (u1, a1), (u2, a2) = calls
     flat = [torch.cat([t.reshape(-1) for t in a]) for a in (a1, a2)]
     x2 = torch.stack([u.flat for u in u2])
-    w2 = torch.tensor([u.num_samples for u in u2], dtype=torch.float64)
+    w2 = torch.tensor([2.0, 3.0, 4.0, 5.0], dtype=torch.float64)  # the clients' sizes n_k
     torch.testing.assert_close(flat[1], centered_clipping(x2, weights=w2, tau=0.05, center=flat[0]))
 
 
@@ -375,3 +379,146 @@ def test_krum_aggregator_checks_n_at_call_time():
     _, server, _ = _server_round(agg)
     with pytest.raises(ValueError, match=r"krum needs n >= 2f \+ 3 \(n=4, f=1\)"):
         server.run_round()
+
+
+# ----------------------------------------------------------------------------- BatchNorm buffers
+
+# Seven clients' parameter updates (d = 2), drawn by hand so that Krum's choice follows from
+# hand arithmetic (f = 1, n − f − 2 = 4 neighbours, squared distances):
+#   c0 (0, 0): 0.25 + 0.25 (c5) + 0.5525 (c6) + 1 + 1 (c1..c4)         -> 3.0525, the lowest
+#   c5 (0.5, 0.5): 0.5 (c0) + 0.5 (c1) + 0.5 (c3) + 2.1025 (c6)        -> 3.6025
+#   c6 (−0.5, −0.55): 0.4525 (c4) + 0.5525 (c0) + 0.5525 (c2) + 2.1025 -> 3.66
+#   c1..c4 (±1, 0), (0, ±1): 5.5 or more
+# c6 is the poisoner: ordinary parameters, BatchNorm statistics of 1e6.
+PARAMS = [(0.0, 0.0), (1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0), (0.5, 0.5), (-0.5, -0.55)]
+HUGE = 1e6
+
+
+def _bn_updates() -> list[Update]:
+    """Client i's buffers: running_mean (0.1 i, −0.1 i), running_var (1 + 0.1 i, 1 + 0.1 i);
+    the poisoner (client 6) sends running_mean (1e6, −1e6) and running_var (1e6, 1e6)."""
+    out = []
+    for i, p in enumerate(PARAMS):
+        if i == 6:
+            mean_, var = torch.tensor([HUGE, -HUGE]), torch.tensor([HUGE, HUGE])
+        else:
+            mean_, var = torch.tensor([0.1 * i, -0.1 * i]), torch.full((2,), 1 + 0.1 * i)
+        out.append(
+            Update((torch.tensor(p),), "delta", 1, client_id=i, buffers=(mean_, var), weight=i + 1)
+        )
+    return out
+
+
+def _buffers(rule: str, **params) -> tuple[torch.Tensor, ...]:
+    _, buffers = make_aggregator(rule, **params).aggregate_with_buffers(_bn_updates())
+    return buffers
+
+
+def test_buffers_by_hand_under_median_and_trimmed_mean():
+    # honest running means 0, .1, ..., .5 (and their negatives), the poisoner's ±1e6:
+    # sorted, the median is the 4th of 7 values, .3 (−.3); trimmed mean with k = int(.2·7)
+    # = 1 drops the extremes and averages .1 ... .5: also .3. Variances 1.0 ... 1.5, 1e6:
+    # median 1.3, trimmed mean of 1.1 ... 1.5 = 1.3.
+    for rule, params in (("median", {}), ("trimmed_mean", {"beta": 0.2})):
+        mean_, var = _buffers(rule, **params)
+        torch.testing.assert_close(mean_, torch.tensor([0.3, -0.3]))
+        torch.testing.assert_close(var, torch.tensor([1.3, 1.3]))
+
+
+def test_buffers_follow_krum_and_multi_krum_selection():
+    updates = _bn_updates()
+    # Krum selects c0 (score 3.0525, table above): its buffers, exactly
+    mean_, var = _buffers("krum", f=1)
+    assert torch.equal(mean_, updates[0].buffers[0]) and torch.equal(var, updates[0].buffers[1])
+    # multi-Krum m = 2 keeps c0 and c5, averaged with their weights 1 and 6
+    mean_, var = _buffers("multi_krum", f=1, m=2)
+    torch.testing.assert_close(mean_, (1 * updates[0].buffers[0] + 6 * updates[5].buffers[0]) / 7)
+    torch.testing.assert_close(var, (1 * updates[0].buffers[1] + 6 * updates[5].buffers[1]) / 7)
+
+
+@pytest.mark.parametrize(
+    "rule, params",
+    [
+        ("median", {}),
+        ("trimmed_mean", {"beta": 0.2}),
+        ("krum", {"f": 1}),
+        ("multi_krum", {"f": 1, "m": 2}),
+        ("bulyan", {"f": 1}),
+        ("geometric_median", {}),
+        ("centered_clipping", {"tau": 1.0}),
+    ],
+)
+def test_a_poisoned_running_mean_does_not_move_robust_buffers(rule, params):
+    # within the honest clients' range: running mean in [0, .5] x [−.5, 0], variance [1, 1.5]
+    mean_, var = _buffers(rule, **params)
+    assert 0 <= float(mean_[0]) <= 0.5 and -0.5 <= float(mean_[1]) <= 0
+    assert bool(((var >= 1) & (var <= 1.5)).all())
+
+
+def test_mean_buffers_are_the_weighted_mean_and_the_poisoner_moves_them():
+    # FedAvg (McMahan et al. 2017): Σ w_i b_i / Σ w_i with w_i = i + 1, Σ = 28
+    mean_, var = _buffers("mean")
+    want_mean = sum((i + 1) * 0.1 * i for i in range(6)) / 28 + 7 * HUGE / 28
+    assert float(mean_[0]) == pytest.approx(want_mean, rel=1e-6)
+    assert float(var[0]) > 1e5  # not robust: the control
+
+
+def test_foolsgold_buffers_use_its_client_weights():
+    updates = _bn_updates()
+    agg = make_aggregator("foolsgold")
+    params, (mean_, _) = agg.aggregate_with_buffers(updates)
+    alpha = agg._foolsgold.last_weights  # the round's normalised FoolsGold weights (n,)
+    want = alpha @ torch.stack([u.buffers[0] for u in updates]).double()
+    torch.testing.assert_close(mean_, want.float())
+    # the tensors are those of the plain call on a fresh instance (one state step per round)
+    again = make_aggregator("foolsgold")(updates)
+    assert all(torch.equal(a, b) for a, b in zip(params, again))
+
+
+class _PoisonedStatistics:
+    """An honest client whose update carries running means of 1e6 (a BatchNorm poisoner)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client, self.client_id = client, client.client_id
+
+    def __len__(self) -> int:
+        return len(self.client)
+
+    def protocol(self):
+        return self.client.protocol()
+
+    def compute_update(self, model, *, round=0, generator):
+        update, truth = self.client.compute_update(model, round=round, generator=generator)
+        buffers = tuple(torch.full_like(b, HUGE) for b in update.buffers)
+        return Update(update.tensors, update.kind, update.num_samples, update.client_id,
+                      update.round, buffers, update.weight), truth  # fmt: skip
+
+
+@pytest.mark.parametrize("rule, params", [("median", {}), ("krum", {"f": 1}), (None, {})])
+def test_server_keeps_poisoned_batchnorm_statistics_out_under_robust_rules(
+    rule, params, torch_single_thread
+):
+    shape = (3, 8, 8)
+    clients = []
+    for i in range(5):
+        g = _gen(200 + i)
+        images, labels = torch.rand(2, *shape, generator=g), torch.randint(0, 3, (2,), generator=g)
+        clients.append(Client(i, images, labels, training=LocalTraining("fedsgd")))
+    clients[4] = _PoisonedStatistics(clients[4])
+    model = build_model("resnet20", in_shape=shape, num_classes=3, generator=_gen(11))
+    seen: list = []
+    kwargs = {} if rule is None else {"aggregator": make_aggregator(rule, **params)}
+    Server(model, clients, listeners=[seen.append], **kwargs).run_round()
+    honest = [o.update.buffers for o in seen[:4]]
+    from fl_core.client import float_buffers
+
+    for i, b in enumerate(float_buffers(model)):
+        stack = torch.stack([h[i] for h in honest])  # (4, C)
+        if rule is None:  # FedAvg: a fifth of 1e6 and more
+            assert float(b.abs().max()) > 1e5
+        else:
+            assert bool(((b >= stack.min(0).values) & (b <= stack.max(0).values)).all())
+    if rule == "krum":  # one honest client's statistics, exactly
+        assert any(
+            all(torch.equal(b, h[i]) for i, b in enumerate(float_buffers(model))) for h in honest
+        )

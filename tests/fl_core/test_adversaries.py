@@ -6,7 +6,8 @@ poisoned by hand) with a generator of the same seed, then the attack's formula
 applied by hand. Formulas: FedMLSecurity (Han et al. 2023, arXiv:2306.04959) —
 ``zero``; ``random`` draws the weights U[−1, 1); ``flip`` sends
 ``w_g + (w_g − w_l)``; label flipping ``y → K − 1 − y`` or ``3 → 9, 2 → 1``
-(REFERENCES.md, seed settings). Model replacement sends ``w_g + γ(w_l − w_g)``
+(Tolpegin et al. 2020, ESORICS; FedMLSecurity's defaults, Han et al. 2023).
+Model replacement sends ``w_g + γ(w_l − w_g)``
 (Bagdasaryan et al. 2020, "How To Backdoor Federated Learning", Sec. 4).
 """
 
@@ -69,7 +70,7 @@ def _same(a, b) -> bool:
 
 
 def _meta(u):
-    return (u.kind, u.num_samples, u.client_id, u.round)
+    return (u.kind, u.num_samples, u.weight, u.client_id, u.round)
 
 
 ALGORITHMS = pytest.mark.parametrize("algorithm", ["fedsgd", "fedavg"])
@@ -226,7 +227,7 @@ def test_lazy_stale_resends_its_last_honest_update(algorithm):
     for t in (1, 2):
         update, truth = _run(lazy, round=t, seed=10 + t, model=later_model)
         assert _same(update.tensors, first.tensors)
-        assert (update.kind, update.num_samples, update.client_id) == _meta(first)[:3]
+        assert _meta(update)[:4] == _meta(first)[:4]  # kind, samples, weight, client id
         assert update.round == t and truth.round == t
         assert torch.equal(truth.images, truth0.images)
 

@@ -157,10 +157,15 @@ def test_updates_do_not_share_storage():
     model = _model("lenet")
     clients = _clients([3, 3], [LocalTraining("fedsgd")] * 2)
     (u0, _), (u1, _) = compute_updates(model, clients, generators=[_gen(0), _gen(1)])
-    kept = u1.flat.clone()
+    # an independent copy of the source tensors, not ``Update.flat`` (a cached property:
+    # once computed it would compare a stale copy with itself)
+    kept = [t.clone() for t in u1.tensors]
     for t in u0.tensors:
         t.zero_()  # a defense working in place on one client's update
-    assert torch.equal(u1.flat, kept)
+    assert all(torch.equal(t, k) for t, k in zip(u1.tensors, kept))
+    assert any(bool(k.ne(0).any()) for k in kept)  # there was something to overwrite
+    storage = {t.untyped_storage().data_ptr() for t in u0.tensors}
+    assert not storage & {t.untyped_storage().data_ptr() for t in u1.tensors}
 
 
 def test_empty_client_list():

@@ -246,25 +246,44 @@ def test_fedavg_local_steps_follow_hand_written_sgd(momentum, weight_decay):
     ("n", "batch_size", "steps", "seen"),
     [(10, 4, 2, 8), (10, 4, 5, 10), (10, 3, 4, 10), (10, None, 3, 10), (3, 8, 2, 3)],
 )
-def test_fedavg_num_samples_and_protocol(n, batch_size, steps, seen):
+@pytest.mark.parametrize("weighting", ["dataset", "processed"])
+def test_fedavg_num_samples_and_protocol(n, batch_size, steps, seen, weighting):
     x, y = _data(n)
-    training = LocalTraining("fedavg", batch_size=batch_size, local_steps=steps, lr=0.05)
+    training = LocalTraining(
+        "fedavg", batch_size=batch_size, local_steps=steps, lr=0.05, weighting=weighting
+    )
     client = Client(1, x, y, training=training)
     model = build_model("lenet", in_shape=SHAPE)
     update, truth = client.compute_update(model, round=4, generator=_gen(n + steps))
     assert update.kind == "delta"
     assert update.num_samples == seen
+    # the weight sent: n_k (McMahan et al. 2017, Algorithm 1), or the samples processed
+    weight = n if weighting == "dataset" else seen
+    assert update.weight == weight
     rows = _rows(truth.images, x)
     assert len(rows) == len(set(rows)) == seen
     assert torch.equal(truth.labels, y[rows])
     protocol = client.protocol()
     b = n if batch_size is None else min(batch_size, n)
-    assert protocol == fl_core.Protocol("fedavg", seen, b, local_steps=steps, lr=0.05, momentum=0.0)
+    assert protocol == fl_core.Protocol(
+        "fedavg", seen, b, local_steps=steps, lr=0.05, momentum=0.0, weight=weight
+    )
 
 
 def test_fedsgd_protocol():
     client = Client(0, *_data(7), training=LocalTraining("fedsgd", batch_size=3))
-    assert client.protocol() == fl_core.Protocol("fedsgd", num_samples=3, batch_size=3)
+    assert client.protocol() == fl_core.Protocol("fedsgd", num_samples=3, batch_size=3, weight=7)
+    processed = Client(0, *_data(7), training=LocalTraining("fedsgd", 3, weighting="processed"))
+    assert processed.protocol() == fl_core.Protocol("fedsgd", num_samples=3, batch_size=3)
+
+
+def test_fedavg_protocol_reveals_momentum_and_weight_decay():
+    training = LocalTraining("fedavg", 2, 3, lr=0.1, momentum=0.9, weight_decay=0.01)
+    protocol = Client(0, *_data(5), training=training).protocol()
+    assert (protocol.momentum, protocol.weight_decay) == (0.9, 0.01)
+    # FedSGD sends the plain loss gradient: no weight decay is applied, none revealed
+    fedsgd = LocalTraining("fedsgd", weight_decay=0.01)
+    assert Client(0, *_data(5), training=fedsgd).protocol().weight_decay == 0.0
 
 
 @pytest.mark.parametrize(
@@ -276,6 +295,7 @@ def test_fedsgd_protocol():
         ({"lr": 0.0}, "lr"),
         ({"momentum": -0.1}, "momentum"),
         ({"weight_decay": -0.1}, "weight_decay"),
+        ({"weighting": "samples"}, "weighting must be 'dataset'"),
     ],
 )
 def test_local_training_checks_inputs(kwargs, fragment):
@@ -376,8 +396,11 @@ def _walk(obj, found: list[torch.Tensor], seen: set[int]) -> None:
     [("lenet", SHAPE, "fedsgd"), ("cnn", SHAPE, "fedavg"), ("resnet18", (3, 16, 16), "fedsgd")],
 )
 def test_observation_never_reaches_client_images(name, shape, algorithm):
-    """The attacker/ground-truth boundary (DESIGN.md): no tensor of an Observation is,
-    shares memory with, or equals the client's images, even for a one-image batch."""
+    """The attacker/ground-truth boundary (fl_core.types: attackers receive Observations and
+    nothing else; breaching keeps them apart the same way, ``shared_data`` vs.
+    ``true_user_data`` in JonasGeiping/breaching, ``breaching/cases/users.py``): no tensor of
+    an Observation is, shares memory with, or equals the client's images, even for a
+    one-image batch."""
     model = build_model(name, in_shape=shape)
     training = LocalTraining(algorithm, local_steps=2, lr=0.05)
     clients = _clients([1, 3], shape, training=training)
@@ -416,8 +439,18 @@ def test_fedavg_aggregation_by_hand():
     assert torch.equal(second, torch.tensor([[0.75]]))  # (1*3 + 3*0)/4
     swapped = fedavg([u2, u1])
     assert torch.equal(swapped[0], first) and torch.equal(swapped[1], second)
+    # the weight is what the client reports (its n_k), not the samples it processed:
+    # weights 3/4 and 1/4 give (3*1 + 1*4)/4, (3*2 + 1*8)/4 and (3*3 + 1*0)/4
+    v1 = Update(u1.tensors, "delta", num_samples=1, weight=3)
+    v2 = Update(u2.tensors, "delta", num_samples=3, weight=1)
+    first, second = fedavg([v1, v2])
+    assert torch.equal(first, torch.tensor([1.75, 3.5])) and torch.equal(
+        second, torch.tensor([[2.25]])
+    )
     with pytest.raises(ValueError):
         fedavg([])
+    with pytest.raises(ValueError, match="weight"):
+        Update(u1.tensors, "delta", num_samples=1, weight=0)
 
 
 @pytest.mark.parametrize("server_lr", [1.0, 0.3])
@@ -435,9 +468,17 @@ def test_fedsgd_server_step_is_weighted_mean_gradient(server_lr):
         torch.testing.assert_close(new.detach().double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_fedavg_server_step_adds_weighted_mean_delta():
-    # batch 2, 2 steps: clients of 2, 5, 9 samples use 2, 4, 4 of them (weights 0.2, 0.4, 0.4)
-    training = LocalTraining("fedavg", batch_size=2, local_steps=2, lr=0.1)
+@pytest.mark.parametrize(
+    ("weighting", "weights"),
+    [
+        # McMahan et al. 2017, Algorithm 1: n_k / n with n_k = 2, 5, 9 and n = 16
+        ("dataset", [2 / 16, 5 / 16, 9 / 16]),
+        # batch 2, 2 steps: the clients use 2, 4, 4 of their samples: 2/10, 4/10, 4/10
+        ("processed", [0.2, 0.4, 0.4]),
+    ],
+)
+def test_fedavg_server_step_adds_weighted_mean_delta(weighting, weights):
+    training = LocalTraining("fedavg", batch_size=2, local_steps=2, lr=0.1, weighting=weighting)
     model = build_model("lenet", in_shape=SHAPE, generator=_gen(6))
     before = _params(model)
     observations: list[Observation] = []
@@ -449,7 +490,6 @@ def test_fedavg_server_step_adds_weighted_mean_delta():
     )
     record = server.run_round()
     assert record.num_samples == [2, 4, 4]
-    weights = [0.2, 0.4, 0.4]
     for i, (new, old) in enumerate(zip(model.parameters(), before, strict=True)):
         mean = sum(w * o.update.tensors[i].double() for w, o in zip(weights, observations))
         torch.testing.assert_close(

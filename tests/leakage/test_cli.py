@@ -231,3 +231,68 @@ def test_train_then_attack_the_checkpoint(tmp_path, capsys):
     assert code == 0, err
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     assert res["checkpoint"]["path"] == str(ckpt) and res["config"]["model"] == "lenet"
+
+
+def _no_attack(monkeypatch):
+    """Make any attack that starts fail the test: bad input must stop before it."""
+    import leakage.experiment
+
+    def never(*_, **__):
+        raise AssertionError("the round was observed: the check came too late")
+
+    monkeypatch.setattr(leakage.experiment, "observe_round", never)
+
+
+def test_a_shape_too_small_to_score_stops_before_the_attack(tmp_path, capsys, monkeypatch):
+    _no_attack(monkeypatch)
+    out = tmp_path / "r"
+    code, _, err = run(["attack", "--shape", "3", "8", "8", "--out", str(out), *FAST], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "shape 3 8 8 cannot be scored" in lines[0] and "11x11" in lines[0]
+    assert not out.exists()
+
+
+def test_a_dataset_of_small_images_stops_before_the_attack(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "tiny"
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / label / "0.png")
+    _no_attack(monkeypatch)
+    out = tmp_path / "r"
+    code, _, err = run(["attack", "--dataset", str(folder), "--out", str(out), *FAST], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "images of shape 3 8 8 cannot be scored" in lines[0]
+    assert not out.exists()
+
+
+def test_a_scoring_failure_keeps_the_finished_attack(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import leakage.experiment
+
+    real = leakage.experiment.score_images
+
+    def fails_on_real_images(reconstructed, original, **kw):
+        if float(reconstructed.abs().sum()) > 0:  # the up-front check scores blank images
+            raise ValueError("metric blew up")
+        return real(reconstructed, original, **kw)
+
+    monkeypatch.setattr(leakage.experiment, "score_images", fails_on_real_images)
+    out = tmp_path / "r"
+    code, _, err = run(["attack", "--out", str(out), *FAST], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "could not be scored (metric blew up)" in lines[0] and "reconstruction.pt" in lines[0]
+    saved = torch.load(out / "reconstruction.pt", weights_only=True)
+    assert saved["images"].shape == (1, 3, 32, 32) and saved["labels"].shape == (1,)
+    res = json.loads((out / "results.json").read_text())
+    assert res["scoring_error"] == "metric blew up" and res["attack"]["steps"] > 0
+    assert res["summary"] is None
+
+
+def test_bad_input_leaves_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "deep" / "r"
+    code, _, err = run(["attack", "--attack", "analytic", "--out", str(out), "--quiet"], capsys)
+    assert code == 2 and "--model mlp" in err  # found by the attack itself, on its first step
+    assert not (tmp_path / "deep").exists()  # the folders it had made are gone again

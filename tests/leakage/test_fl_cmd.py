@@ -56,7 +56,7 @@ def test_a_run_writes_records_and_resumes_to_the_same_numbers(tmp_path, capsys):
 
 
 def _weights(out):
-    state = torch.load(out / "state.pt", weights_only=False)["model"]
+    state = torch.load(out / "state.pt", weights_only=True)["model"]
     return torch.cat([v.flatten() for v in state.values() if v.is_floating_point()])
 
 
@@ -77,7 +77,7 @@ def test_the_attack_moves_the_model_and_krum_undoes_it(tmp_path):
     def weights(**extra):
         out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
         run_fl(load_fl_config(_config(tmp_path, **extra), out=str(out), rounds=1))
-        state = torch.load(out / "state.pt", weights_only=False)["model"]
+        state = torch.load(out / "state.pt", weights_only=True)["model"]
         return torch.cat([v.flatten() for k, v in state.items() if v.is_floating_point()])
 
     byzantine = {"type": "byzantine", "mode": "random", "ids": [0]}
@@ -121,6 +121,7 @@ def test_bad_configs_are_one_line_errors(extra, message, tmp_path, capsys):
     code = main(["fl", str(cfg), "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_flags_lay_attack_defense_and_keys_over_the_file(tmp_path, capsys):
@@ -159,13 +160,40 @@ def test_flags_lay_attack_defense_and_keys_over_the_file(tmp_path, capsys):
         (["--defense", ":f=1"], "the name is missing"),
         (["--set", "lr"], "--set 'lr': write KEY=VALUE"),
         (["--set", "learning_rate=1"], "unknown config key(s) learning_rate"),
-        (["--set", "weight_decay=-1"], "weight_decay non-negative"),
+        (["--set", "weight_decay=-1"], "weight_decay must be a finite number >= 0"),
+        # checked up front: types, ranges and whole numbers, naming the key
+        (["--set", "num_clients=abc"], "num_clients must be a whole number >= 1; got 'abc'"),
+        (["--set", "lr=abc"], "lr must be a finite number > 0; got 'abc'"),
+        (["--set", "alpha=abc"], "alpha must be a finite number > 0; got 'abc'"),
+        (["--set", "clients_per_round=abc"], "clients_per_round must be a whole number"),
+        (["--set", "eval_every=abc"], "eval_every must be a whole number >= 1; got 'abc'"),
+        (["--set", "seed=abc"], "seed must be a whole number in [0, "),
+        (["--set", "rounds=1.5"], "rounds must be a whole number >= 1; got 1.5"),
+        (["--rounds", "0"], "rounds must be a whole number >= 1; got 0"),
+        (["--set", "lr=1e-4", "--set", "momentum=nan"], "momentum must be a finite number"),
+        (
+            ["--attack", "byzantine:mode=random,fraction=0.1,rounds=5"],
+            "attack_args: rounds must be [start, stop] (stop null for forever); got 5",
+        ),
+        (
+            ["--attack", "model_replacement:fraction=0.5,gamma=abc"],
+            "attack_args: gamma must be a finite number; got 'abc'",
+        ),
+        (["--attack", "label_flip:fraction=1.5"], "attack_args: fraction must be a finite number"),
+        (["--attack", "lazy:ids=[0,0]"], "attack_args: ids [0, 0] contain duplicates"),
+        (["--attack", "lazy:ids=[0],rounds=[2,1]"], "attack_args: rounds stop must be"),
+        (["--attack", "model_replacement:ids=[0],gamma=2,trigger=x"], "cannot be set"),
+        (
+            ["--set", "model=resnet20", "--defense", "dpsgd:noise_multiplier=1,max_grad_norm=1"],
+            "dpsgd cannot train model resnet20: its BatchNorm layers",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
     code = main(["fl", str(_config(tmp_path)), "--out", str(tmp_path / "o"), "--quiet", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_a_run_started_before_a_new_key_still_resumes(tmp_path, capsys):

@@ -25,6 +25,7 @@ from leakage.labels import (
     LastLayer,
     _dummy_impact,
     _round_counts,
+    delta_coefficients,
     idlg,
     idlg_label,
     ilrg,
@@ -287,6 +288,68 @@ def test_one_step_fedavg_delta_reveals_the_gradient():
     torch.testing.assert_close(b.bias_grad, a.bias_grad, rtol=1e-4, atol=1e-6)
     assert torch.equal(b.weight, a.weight)
     assert recover_labels(avg).tolist() == sorted(REPEATED)
+
+
+def test_delta_coefficients_by_hand():
+    # one step: Δ = −η(G + λθ_0), whatever the momentum (its buffer starts at d_1)
+    for mu in (0.0, 0.9):
+        a, c = delta_coefficients(0.1, 1, momentum=mu, weight_decay=0.01)
+        assert a == pytest.approx(-0.1) and c == pytest.approx(-0.001)
+    # momentum, no decay: v_1 = G, v_2 = (1 + μ)G, v_3 = (1 + μ + μ²)G, Δ = −η Σ v_s
+    a, c = delta_coefficients(0.1, 3, momentum=0.5)
+    assert a == pytest.approx(-0.1 * (1 + 1.5 + 1.75)) and c == 0.0
+    # decay, no momentum, two steps: θ_1 = θ_0 − η(G + λθ_0), θ_2 = θ_1 − η(G + λθ_1), so
+    # Δ = (−2η + η²λ)G + (−2ηλ + η²λ²)θ_0
+    eta, lam = 0.1, 0.5
+    a, c = delta_coefficients(eta, 2, weight_decay=lam)
+    assert a == pytest.approx(-2 * eta + eta**2 * lam)
+    assert c == pytest.approx(-2 * eta * lam + eta**2 * lam**2)
+    assert delta_coefficients(0.05, 4) == pytest.approx((-0.2, 0.0))  # plain SGD: −ηE
+
+
+@pytest.mark.parametrize(
+    ("momentum", "weight_decay", "steps"), [(0.0, 0.5, 1), (0.9, 0.0, 3), (0.9, 0.1, 3)]
+)
+def test_fedavg_delta_with_momentum_and_weight_decay_reveals_the_gradient(
+    momentum, weight_decay, steps
+):
+    """The protocol's momentum and weight decay enter the conversion: a full-batch client
+    with a small lr (the gradient barely moves over the steps) gives back the FedSGD
+    gradient of the same batch; −Δ/(ηE) would be off by Σ_j (1 − μ^j)/(1 − μ) / E
+    (1.87 for μ = 0.9, E = 3) or by the decay term λθ."""
+
+    def victim():
+        return build_model(
+            "lenet", activation="sigmoid", generator=torch.Generator().manual_seed(0)
+        )
+
+    sgd = observe(victim(), REPEATED)
+    training = LocalTraining(
+        "fedavg", local_steps=steps, lr=1e-4, momentum=momentum, weight_decay=weight_decay
+    )
+    avg = observe(victim(), REPEATED, training=training)
+    assert (avg.protocol.momentum, avg.protocol.weight_decay) == (momentum, weight_decay)
+    a, b = last_layer(sgd), last_layer(avg)
+    for got, want in ((b.weight_grad, a.weight_grad), (b.bias_grad, a.bias_grad)):
+        assert float((got - want).norm() / want.norm()) < 2e-2
+    assert recover_labels(avg).tolist() == sorted(REPEATED)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"momentum": -0.5}, "momentum=-0.5"),
+        ({"weight_decay": float("nan")}, "weight_decay=nan"),
+        ({"local_steps": 0}, "local_steps=0"),
+    ],
+)
+def test_delta_with_unusable_local_settings_is_refused(change, fragment):
+    from dataclasses import replace
+
+    model = build_model("lenet", generator=torch.Generator().manual_seed(0))
+    obs = observe(model, [1, 2], training=LocalTraining("fedavg", lr=0.1))
+    with pytest.raises(ValueError, match=fragment):
+        last_layer(replace(obs, protocol=replace(obs.protocol, **change)))
 
 
 def test_delta_without_learning_rate_is_refused():

@@ -1,8 +1,9 @@
-"""The sweeps' results store: records survive an interruption, only a cut line is lost, and
-concurrent writers neither interleave nor lose records."""
+"""The sweeps' results store: records survive an interruption, only a cut line is lost,
+concurrent writers neither interleave nor lose records, and rewrites are atomic."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import leakage.store
-from leakage.store import append_record, load_records
+from leakage.store import append_record, atomic_path, load_records, rewrite_records, write_atomic
 
 try:
     import fcntl
@@ -86,3 +87,68 @@ def test_an_append_waits_for_a_held_lock(tmp_path):
         fcntl.flock(held, fcntl.LOCK_UN)
     writer.join(10)
     assert load_records(path) == [{"a": 1}, {"a": 2}]
+
+
+def test_an_interrupted_rewrite_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "records.jsonl"
+    for i in range(3):
+        append_record(path, {"a": i})
+    before = path.read_bytes()
+    calls = []
+    real = leakage.store._line
+
+    def dies_on_the_second_line(record):
+        calls.append(record)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed in the middle of the rewrite
+        return real(record)
+
+    monkeypatch.setattr(leakage.store, "_line", dies_on_the_second_line)
+    with pytest.raises(KeyboardInterrupt):
+        rewrite_records(path, [{"a": 0}, {"a": 1}])
+    assert len(calls) == 2 and path.read_bytes() == before  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["records.jsonl"]  # no temporary left
+    monkeypatch.undo()
+    rewrite_records(path, [{"a": 0}, {"a": 1}])
+    assert load_records(path) == [{"a": 0}, {"a": 1}]
+
+
+def test_a_failed_replace_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    write_atomic(path, "old\n")
+
+    def fails(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(leakage.store.os, "replace", fails)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, "new\n")
+    with pytest.raises(OSError, match="disk full"):
+        rewrite_records(path, [{"a": 1}])
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_atomic_path_keeps_the_suffix_for_writers_that_read_it(tmp_path):
+    with atomic_path(tmp_path / "figure.png") as tmp:
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path and not tmp.exists()
+        tmp.write_bytes(b"png")
+    assert (tmp_path / "figure.png").read_bytes() == b"png"
+
+
+@pytest.mark.skipif(fcntl is None, reason="flock is POSIX only")
+def test_an_append_waiting_for_a_rewrite_lands_in_the_new_file(tmp_path):
+    path = tmp_path / "records.jsonl"
+    append_record(path, {"a": 1})
+    with path.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a rewrite in progress holds the old file's lock
+        writer = threading.Thread(target=append_record, args=(path, {"a": 2}))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive()
+        new = tmp_path / "new.jsonl"
+        new.write_text('{"a": 0}\n')
+        os.replace(new, path)  # the rewrite lands
+        fcntl.flock(held, fcntl.LOCK_UN)
+    writer.join(10)
+    assert load_records(path) == [{"a": 0}, {"a": 2}]  # not lost in the replaced file

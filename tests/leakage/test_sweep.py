@@ -4,7 +4,9 @@ of workers, serially, in a process pool or on Ray; the benchmark scripts' flags.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -196,3 +198,39 @@ def test_attack_suite_with_two_workers_writes_the_same_cells(tmp_path, capsys):
                                 key=suite.key)  # fmt: skip
         assert (out / "table.md").exists() and (out / "grid-samples.png").exists()
     assert len(cells["1"]) == 2 and cells["2"] == cells["1"]  # PSNR, loss, labels: bit-equal
+
+
+def test_a_sweep_killed_at_random_points_resumes_to_the_same_records(tmp_path, monkeypatch):
+    """Seeded kill points, each in a cell or in the middle of writing a record (a cut line):
+    the resumed sweep ends with every cell's record exactly once, as an uninterrupted one."""
+    import leakage.sweep
+
+    cells = list(range(8))
+    straight = run_cells(cells, _cell, store=tmp_path / "straight.jsonl", key=_key)
+    store = tmp_path / "killed.jsonl"
+    rng = random.Random(11)
+    real_append = leakage.sweep.append_record
+    kills = 0
+    for _ in range(5):
+        stored = {_key(r) for r in load_records(store)}
+        victim = rng.choice([c for c in cells if c not in stored])  # a cell this try reaches
+        where = rng.choice(["cell", "write"])
+
+        def torn(path, record, _victim=victim):
+            if record["cell"] == _victim:  # dies with half of the line on disk
+                with open(path, "a") as f:
+                    f.write(json.dumps(record)[: rng.randrange(1, 20)])
+                raise KeyboardInterrupt
+            real_append(path, record)
+
+        fn = functools.partial(_cell, stop_at=victim) if where == "cell" else _cell
+        with monkeypatch.context() as m:
+            if where == "write":
+                m.setattr(leakage.sweep, "append_record", torn)
+            try:
+                run_cells(cells, fn, store=store, key=_key)
+            except KeyboardInterrupt:
+                kills += 1
+    assert kills == 5
+    run_cells(cells, _cell, store=store, key=_key)
+    assert sorted(load_records(store), key=_key) == straight  # each cell once, none torn

@@ -69,6 +69,11 @@ def test_aggregate_of_one_client_is_that_client(data):
     [
         ("lenet", LocalTraining("fedavg", local_steps=3, lr=0.1), 1),
         ("lenet", LocalTraining("fedavg", local_steps=3, lr=0.1, momentum=0.9), 1),
+        (
+            "lenet",
+            LocalTraining("fedavg", local_steps=3, lr=0.1, momentum=0.9, weight_decay=0.5),
+            1,
+        ),
         ("lenet", LocalTraining("fedsgd"), 3),
         ("resnet18", LocalTraining("fedsgd"), 2),  # BatchNorm: per-client batch statistics
         ("resnet18", LocalTraining("fedavg", local_steps=2, lr=0.05), 2),
@@ -95,6 +100,26 @@ def test_simulation_reproduces_the_observed_update(data, name, training, clients
     # and the data are not interchangeable: other images give another update
     other = sim(x.flip(0)[None], y[None])[0].detach()
     assert float((other - sim.target).norm() / sim.target.norm()) > 1e-3
+
+
+@pytest.mark.parametrize("weighting", ["dataset", "processed"])
+def test_aggregate_simulation_uses_the_reported_client_weights(data, weighting):
+    """Clients of 2 and 4 samples, one step of batch 2: both process 2 samples, so the
+    aggregate's dummy groups are 2 + 2; the mean weights them by what they report: n_k
+    = 2 and 4 (McMahan et al. 2017) by default, 2 and 2 when weighting by samples used."""
+    training = LocalTraining("fedavg", batch_size=2, local_steps=1, lr=0.1, weighting=weighting)
+    clients = [
+        Client(0, data.images[:2], data.labels[:2], training=training),
+        Client(1, data.images[2:], data.labels[2:], training=training),
+    ]
+    (obs,), truth = run_round(lenet(), clients, aggregate=True)
+    assert obs.protocol.client_samples == (2, 2)
+    assert obs.protocol.client_weights == ((2, 4) if weighting == "dataset" else (2, 2))
+    sim = UpdateSimulator(obs, dtype=torch.float64)
+    x = torch.cat([t.images for t in truth]).double()
+    y = F.one_hot(torch.cat([t.labels for t in truth]), 10).double()
+    u = sim(x[None], y[None])[0].detach()
+    assert float((u - sim.target).norm() / sim.target.norm()) < 5e-5
 
 
 def test_one_epoch_of_minibatches_matches_in_the_clients_order(data):

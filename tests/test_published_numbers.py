@@ -1,0 +1,129 @@
+"""Every number the README states comes from a committed results file.
+
+Two checks: every path under ``benchmarks/results/`` that the README, the
+reproduction report or a notebook names (or links to) exists in the
+repository; and the README's tables of measured numbers equal, to the digits
+they print, the committed summary files their paragraphs cite.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DOCUMENTS = [ROOT / "README.md", ROOT / "benchmarks" / "REPRODUCTION.md"]
+DOCUMENTS += sorted((ROOT / "notebooks").glob("*.ipynb"))
+RESULT_PATH = re.compile(r"benchmarks/results/[A-Za-z0-9_./-]*[A-Za-z0-9_/-]")
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)|src=\"([^\"]+)\"")
+
+
+def _cited_paths() -> list[tuple[str, str]]:
+    out = []
+    for doc in DOCUMENTS:
+        text = doc.read_text()
+        for m in RESULT_PATH.finditer(text):
+            out.append((doc.name, m.group(0)))
+        if doc.suffix == ".md":
+            for m in LINK.finditer(text):
+                target = m.group(1) or m.group(2)
+                if "://" not in target and not target.startswith("mailto:"):
+                    out.append((doc.name, str((doc.parent / target).relative_to(ROOT))))
+    return sorted(set(out))
+
+
+def test_the_documents_cite_results():
+    assert any(p.startswith("benchmarks/results/") for _, p in _cited_paths())
+
+
+@pytest.mark.parametrize("doc, path", _cited_paths())
+def test_every_cited_path_is_committed(doc, path):
+    assert (ROOT / path).exists(), f"{doc} cites {path}, which is not in the repository"
+
+
+def _table_after(marker: str, text: str = README) -> list[list[str]]:
+    """The rows (cells stripped) of the first Markdown table after ``marker``."""
+    start = text.index(marker)
+    lines = text[start:].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not all(set(c) <= set("-: ") for c in cells):
+            rows.append(cells)
+    return rows[1:]  # without the header
+
+
+def _summary_rows(path: Path, heading: str) -> list[list[str]]:
+    return _table_after(heading, path.read_text())
+
+
+def test_readme_ig_tuning_table_matches_the_sweep_summary():
+    summary = ROOT / "benchmarks/results/tuning/ig/summary.md"
+    means = {}
+    for victim, setting, _, psnr, *_ in _summary_rows(summary, "## Test images"):
+        means[victim, setting] = float(psnr.split("±")[0])
+    names = {  # README row -> the sweep's victim
+        "LeNet, sigmoid": "lenet-sigmoid",
+        "LeNet, ReLU": "lenet-relu",
+        "small CNN, sigmoid": "cnn",
+        "ResNet-20, BatchNorm train": "resnet20-train",
+        "ResNet-20, BatchNorm eval": "resnet20-eval",
+        "LeNet, sigmoid, raw pixels (DLG's victim)": "lenet-sigmoid-raw",
+        "LeNet, ReLU, raw pixels": "lenet-relu-raw",
+        "LeNet, sigmoid, Fashion-MNIST": "fmnist-lenet-sigmoid",
+        "LeNet, sigmoid, Fashion-MNIST, raw pixels": "fmnist-lenet-sigmoid-raw",
+    }
+    rows = _table_after("| victim | tuned (the defaults now)")
+    assert {r[0] for r in rows} == set(names)
+    for name, tuned, previous, breaching in rows:
+        v = names[name]
+        for cell, setting in (
+            (tuned, "tuned"),
+            (previous, "lab's previous defaults"),
+            (breaching, "breaching's defaults"),
+        ):
+            # the summary prints two decimals, the README one: 12.35 may read 12.4
+            assert abs(float(cell) - means[v, setting]) <= 0.05 + 1e-9, (name, setting)
+
+
+def test_readme_vs_breaching_table_matches_its_summaries():
+    rows = _table_after("| BatchNorm | breaching PSNR dB")
+    assert {r[0] for r in rows} == {"eval", "train"}
+    for mode, b_psnr, l_psnr, b_s, l_s, speedup in rows:
+        path = ROOT / f"benchmarks/results/vs_breaching/{'train/' if mode == 'train' else ''}"
+        summary = path / f"summary-resnet20-{mode}-1000.md"
+        means = {r[1]: r for r in _summary_rows(summary, "| image | peer") if r[0] == "**mean**"}
+        assert (b_psnr, b_s) == (means["breaching"][2], means["breaching"][5])
+        assert (l_psnr, l_s) == (means["lab"][2], means["lab"][5])
+        assert speedup == means["lab"][6].split()[0]
+
+
+def test_readme_label_recovery_table_matches_its_results_file():
+    committed = {}
+    path = ROOT / "benchmarks/results/label_recovery/table.md"
+    for model, strategy, *numbers in _summary_rows(path, "| model | strategy"):
+        committed[model, strategy] = numbers
+    rows = _table_after("| victim | strategy | label-set acc.")
+    assert len(rows) == len(committed)
+    for victim, strategy, *numbers in rows:
+        model = victim.split()[0]
+        strategy = "ilrg-paper" if strategy.startswith("ilrg without") else strategy
+        assert numbers == committed[model, strategy], (victim, strategy)
+
+
+def test_readme_dlg_speed_table_matches_its_summary():
+    path = ROOT / "benchmarks/results/dlg_speed/summary.md"
+    committed = _summary_rows(path, "| attack | batch")
+    assert _table_after("| attack | batch | steps | restarts | runs |") == committed
+
+
+def test_readme_threads_table_matches_its_summary():
+    path = ROOT / "benchmarks/results/threads/summary.md"
+    committed = _summary_rows(path, "| --threads | threads used")
+    assert _table_after("| --threads | threads used") == committed
