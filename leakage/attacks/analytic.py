@@ -22,9 +22,11 @@ input normalisation (``ModelSpec.normalize``); the attack maps it back to
 pixels with the published mean and std, which the attacker knows from the
 architecture.
 
-A FedAvg delta after one local step is −η times the gradient, and the ratio
-cancels η; after several steps the rows mix the successive iterates and the
-result is an approximation.
+A FedAvg delta is first turned into the gradient it implies with the local
+settings the protocol reveals (:func:`leakage.labels.update_as_gradient`:
+exact after one step, weight decay and momentum included; the ratio alone
+cancels η but not weight decay's λ·θ term); after several steps the rows mix
+the successive iterates and the result is an approximation.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch import nn
 
 from fl_core.types import Observation
 
+from ..labels import update_as_gradient
 from .base import ATTACKS, Reconstruction
 from .matching import attack_labels
 
@@ -137,9 +140,9 @@ class Analytic:
             generator = torch.Generator().manual_seed(0)
         spec = obs.model_spec
         w_idx, b_idx = first_linear_layer(spec.build(), spec.in_shape)
-        tensors = obs.update.tensors
         n = obs.protocol.num_samples
-        x, spread = invert_linear(tensors[w_idx], tensors[b_idx], n, tol=self.tol)
+        weight, bias = (update_as_gradient(obs, i) for i in (w_idx, b_idx))
+        x, spread = invert_linear(weight, bias, n, tol=self.tol)
         labels = attack_labels(obs, self.label_strategy, generator=generator)
         finite = spread[torch.isfinite(spread)]
         loss = float(finite.mean()) if len(finite) else math.inf

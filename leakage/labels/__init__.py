@@ -41,6 +41,7 @@ from .base import (
     delta_coefficients,
     last_layer,
     recover_labels,
+    update_as_gradient,
 )
 from .base import _check_num_labels as _check_num_labels
 from .base import _counts_to_labels as _counts_to_labels
@@ -73,5 +74,6 @@ __all__ = [
     "per_class_minimum_labels",
     "recover_labels",
     "rlg",
+    "update_as_gradient",
     "yin",
 ]

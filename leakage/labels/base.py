@@ -127,6 +127,22 @@ def delta_coefficients(
     return a, c
 
 
+def update_as_gradient(obs: Observation, index: int) -> Tensor:
+    """Parameter ``index``'s update as the gradient it implies (see :func:`last_layer`).
+
+    A FedSGD update is returned as it is; a FedAvg delta Δ becomes
+    (Δ − c·θ_global) / a with :func:`delta_coefficients` of the revealed local
+    settings.
+    """
+    t = obs.update.tensors[index].detach()
+    if obs.update.kind == "gradient":
+        return t
+    p = obs.protocol
+    a, c = delta_coefficients(p.lr, p.local_steps, p.momentum, p.weight_decay)
+    theta0 = obs.parameters[index].detach().to(t)
+    return (t - c * theta0) / a if c else t / a
+
+
 def last_layer(obs: Observation, *, model: nn.Module | None = None) -> LastLayer:
     """The last linear layer's gradient and global parameters, read from an Observation.
 
@@ -155,20 +171,9 @@ def last_layer(obs: Observation, *, model: nn.Module | None = None) -> LastLayer
     """
     model = obs.model() if model is None else model
     w_idx, b_idx = last_linear(model)
-    tensors = obs.update.tensors
-
-    def gradient(i: int) -> Tensor:
-        t = tensors[i].detach()
-        if obs.update.kind == "gradient":
-            return t
-        p = obs.protocol
-        a, c = delta_coefficients(p.lr, p.local_steps, p.momentum, p.weight_decay)
-        theta0 = obs.parameters[i].detach().to(t)
-        return (t - c * theta0) / a if c else t / a
-
     return LastLayer(
-        weight_grad=gradient(w_idx),
-        bias_grad=None if b_idx is None else gradient(b_idx),
+        weight_grad=update_as_gradient(obs, w_idx),
+        bias_grad=None if b_idx is None else update_as_gradient(obs, b_idx),
         weight=obs.parameters[w_idx].detach(),
         bias=None if b_idx is None else obs.parameters[b_idx].detach(),
     )

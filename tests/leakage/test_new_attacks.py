@@ -94,3 +94,22 @@ def test_analytic_attack_needs_a_first_linear_layer():
     obs, _ = observe(build_model("lenet"), data.images, data.labels)
     with pytest.raises(ValueError, match="first layer is fully connected"):
         Analytic().reconstruct(obs)
+
+
+def test_analytic_attack_is_exact_on_a_fedavg_delta_with_weight_decay():
+    """One FedAvg step with weight decay λ: Δ = −η(G + λθ) on every parameter, so the
+    ratio ΔW/Δb mixes in λθ; converting the delta with the revealed λ first makes the
+    read-off exact again (x = ∂L/∂W_i / ∂L/∂b_i, Phong et al. 2018)."""
+    from fl_core.client import LocalTraining
+
+    data = load_samples(count=1)
+    model = build_model("mlp", activation="relu", generator=torch.Generator().manual_seed(0))
+    seen = []
+    training = LocalTraining("fedavg", local_steps=1, lr=0.05, weight_decay=0.5)
+    client = Client(0, data.images, data.labels, training=training)
+    Server(model, [client], listeners=[seen.append], seed=0).run_round()
+    obs = seen[0]
+    assert obs.protocol.weight_decay == 0.5
+    rec = Analytic().reconstruct(obs)
+    scores = score_images(rec.images, data.images, data_range=1.0)
+    assert bool((scores.psnr >= 60).all()), scores.psnr
