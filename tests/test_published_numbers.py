@@ -127,3 +127,27 @@ def test_readme_threads_table_matches_its_summary():
     path = ROOT / "benchmarks/results/threads/summary.md"
     committed = _summary_rows(path, "| --threads | threads used")
     assert _table_after("| --threads | threads used") == committed
+
+
+def test_ig_defaults_are_the_settings_the_sweep_chose():
+    """TUNED in leakage/attacks/inverting.py holds, per family, the sweep's winner."""
+    import json
+
+    from leakage.attacks.inverting import TUNED
+
+    family = {  # the sweep's victim -> the family whose default it set
+        "lenet-sigmoid": "lenet-sigmoid",
+        "lenet-relu": "lenet",
+        "cnn": "cnn",
+        "resnet20-eval": "resnet-eval",
+        "resnet20-train": "resnet-train",
+        "lenet-sigmoid-raw": "lenet-sigmoid-raw",
+        "lenet-relu-raw": "lenet-raw",
+        "fmnist-lenet-sigmoid": "lenet-gray",
+        "fmnist-lenet-sigmoid-raw": "lenet-gray-raw",
+    }
+    text = (ROOT / "benchmarks/results/tuning/ig/summary.md").read_text()
+    chosen = dict(re.findall(r"^## (\S+)\n.*?^Chosen: `(\{.*?\})`", text, re.M | re.S))
+    assert set(chosen) == set(family)
+    for victim, options in chosen.items():
+        assert TUNED[family[victim]] == json.loads(options), victim
