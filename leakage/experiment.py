@@ -720,8 +720,7 @@ def resolve_threads(threads: int | str | None, model: torch.nn.Module, device: s
     if threads == "auto":
         small = sum(p.numel() for p in model.parameters()) < SMALL_VICTIM_PARAMS
         return 1 if small and str(device).startswith("cpu") else None
-    count = check_whole("threads", threads, low=1)
-    return count
+    return check_whole("threads", threads, low=1)
 
 
 def run_attack(
@@ -745,9 +744,6 @@ def run_attack(
         The dict written to ``results.json``.
     """
     from .store import atomic_path, write_atomic
-
-    if threads is not None and threads != "auto":
-        check_whole("threads", threads, low=1)
 
     victim, checkpoint_meta = None, None
     if cfg.checkpoint:
@@ -776,6 +772,7 @@ def run_attack(
     dp = any(name == "dpsgd" for name, _ in cfg.defenses)
     victim, converted = dp_ready(victim, cfg.defenses)
     model = victim.to(cfg.device)
+    count = resolve_threads(threads, model, cfg.device)  # checked before any output
     obs, gt, clients, plan = observe_round(cfg, model, batch)
     privacy = None
     if dp:
@@ -797,7 +794,6 @@ def run_attack(
     created = _missing_folders(target)
     out = prepare_out(target)
     previous = torch.get_num_threads()
-    count = resolve_threads(threads, model, cfg.device)
     if count is not None:
         torch.set_num_threads(count)
     start = time.perf_counter()

@@ -59,14 +59,10 @@ def _table_after(marker: str, text: str = README) -> list[list[str]]:
     return rows[1:]  # without the header
 
 
-def _summary_rows(path: Path, heading: str) -> list[list[str]]:
-    return _table_after(heading, path.read_text())
-
-
 def test_readme_ig_tuning_table_matches_the_sweep_summary():
     summary = ROOT / "benchmarks/results/tuning/ig/summary.md"
     means = {}
-    for victim, setting, _, psnr, *_ in _summary_rows(summary, "## Test images"):
+    for victim, setting, _, psnr, *_ in _table_after("## Test images", summary.read_text()):
         means[victim, setting] = float(psnr.split("±")[0])
     names = {  # README row -> the sweep's victim
         "LeNet, sigmoid": "lenet-sigmoid",
@@ -98,7 +94,11 @@ def test_readme_vs_breaching_table_matches_its_summaries():
     for mode, b_psnr, l_psnr, b_s, l_s, speedup in rows:
         path = ROOT / f"benchmarks/results/vs_breaching/{'train/' if mode == 'train' else ''}"
         summary = path / f"summary-resnet20-{mode}-1000.md"
-        means = {r[1]: r for r in _summary_rows(summary, "| image | peer") if r[0] == "**mean**"}
+        means = {
+            r[1]: r
+            for r in _table_after("| image | peer", summary.read_text())
+            if r[0] == "**mean**"
+        }
         assert (b_psnr, b_s) == (means["breaching"][2], means["breaching"][5])
         assert (l_psnr, l_s) == (means["lab"][2], means["lab"][5])
         assert speedup == means["lab"][6].split()[0]
@@ -107,7 +107,7 @@ def test_readme_vs_breaching_table_matches_its_summaries():
 def test_readme_label_recovery_table_matches_its_results_file():
     committed = {}
     path = ROOT / "benchmarks/results/label_recovery/table.md"
-    for model, strategy, *numbers in _summary_rows(path, "| model | strategy"):
+    for model, strategy, *numbers in _table_after("| model | strategy", path.read_text()):
         committed[model, strategy] = numbers
     rows = _table_after("| victim | strategy | label-set acc.")
     assert len(rows) == len(committed)
@@ -119,13 +119,13 @@ def test_readme_label_recovery_table_matches_its_results_file():
 
 def test_readme_dlg_speed_table_matches_its_summary():
     path = ROOT / "benchmarks/results/dlg_speed/summary.md"
-    committed = _summary_rows(path, "| attack | batch")
+    committed = _table_after("| attack | batch", path.read_text())
     assert _table_after("| attack | batch | steps | restarts | runs |") == committed
 
 
 def test_readme_threads_table_matches_its_summary():
     path = ROOT / "benchmarks/results/threads/summary.md"
-    committed = _summary_rows(path, "| --threads | threads used")
+    committed = _table_after("| --threads | threads used", path.read_text())
     assert _table_after("| --threads | threads used") == committed
 
 
