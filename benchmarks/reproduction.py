@@ -6,10 +6,14 @@ FedAvg study, a centralised baseline; ``--workers N`` runs N of them at once
 (Ray, or a process pool; ``--ray-address`` for a cluster; see
 :mod:`leakage.sweep`). ``benchmarks/REPRODUCTION.md`` puts every
 source claim (the studies' reported settings and numbers, kept in ``CLAIMS``) next to the lab's
-number, whichever way it falls, and is rebuilt from whatever has finished.
+number, whichever way it falls. Each run's compact record (final accuracy, accuracy per
+evaluated round, seconds, device, its full settings) is written, as the run finishes, to the
+committed ``benchmarks/results/reproduction/<experiment>.json``; the report is rebuilt from
+those records alone, so ``--report`` works on a fresh checkout, and a record whose settings
+differ from the run's current ones (a default changed since) is left out as stale.
 
     python benchmarks/reproduction.py --experiments fedavg robust_one_round
-    python benchmarks/reproduction.py --report          # the report only
+    python benchmarks/reproduction.py --report          # the report only, from the records
     python benchmarks/reproduction.py --quick           # a few rounds of each: smoke test
     python benchmarks/reproduction.py --workers 2       # two runs at once
 
@@ -45,6 +49,7 @@ import fnmatch
 import functools
 import inspect
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,7 +59,7 @@ from typing import Any
 import torch
 
 from leakage.fl_cmd import FLConfig, run_fl
-from leakage.store import append_record, load_records
+from leakage.store import append_record, atomic_path, load_records, write_atomic
 from leakage.sweep import ScriptFunction, add_parallel_args, parallel_options, run_cells
 
 DATA = {"dataset": "fashion-mnist", "model": "cnn", "activation": "sigmoid"}
@@ -387,34 +392,43 @@ def run_one(cell: tuple[str, str], args: argparse.Namespace) -> dict[str, Any]:
     if run_name == "centralized":
         accuracy = centralized(args)
     else:
-        values = EXPERIMENTS[name]()[run_name]
-        values = _quick(values) if args.quick else values
-        cfg = FLConfig(**values, data_root=args.data_root, seed=args.seed, device=args.device,
-                       out=str(args.out / name / run_name))  # fmt: skip
-        accuracy = run_fl(cfg)[-1]["accuracy"]
+        accuracy = run_fl(run_config(name, run_name, args))[-1]["accuracy"]
     return {"run": f"{name}/{run_name}", "accuracy": accuracy,
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
+def run_config(name: str, run_name: str, args: argparse.Namespace) -> FLConfig:
+    """The ``leakage fl`` config of one of the experiment's runs, in its folder under ``--out``."""
+    values = EXPERIMENTS[name]()[run_name]
+    values = _quick(values) if args.quick else values
+    return FLConfig(**values, data_root=str(args.data_root), seed=args.seed,
+                    device=getattr(args, "device", "cpu"),
+                    out=str(Path(args.out) / name / run_name))  # fmt: skip
+
+
+def _cells(name: str) -> list[str]:
+    """The experiment's runs, and the FedAvg study's centralised baseline."""
+    return list(EXPERIMENTS[name]()) + (["centralized"] if name == "fedavg" else [])
+
+
 def run_experiments(names: Sequence[str], args: argparse.Namespace) -> None:
     """The experiments' runs (those matching ``args.runs``, if given), each resumed in its
-    folder, ``args.workers`` at once; a run that fails its checks (ValueError) is skipped."""
+    folder, ``args.workers`` at once; a run that fails its checks (ValueError) is skipped.
+    Each finished run's record goes to the experiment's results file as it finishes
+    (:func:`save_record`), so an interrupted pass keeps every run it completed."""
     patterns = getattr(args, "runs", None)
     cells = []
     for name in names:
-        for run_name in EXPERIMENTS[name]():
+        for run_name in _cells(name):
             if not patterns or any(fnmatch.fnmatchcase(run_name, pat) for pat in patterns):
                 cells.append((name, run_name))
-        if name == "fedavg" and not patterns:
-            cells.append((name, "centralized"))
 
     def show(cell: tuple[str, str], record: dict[str, Any]) -> None:
-        if cell[1] == "centralized":
-            if record["accuracy"] is not None:
-                print(f"{record['run']}: accuracy {record['accuracy']:.4f}", flush=True)
+        saved = save_record(cell[0], cell[1], args)
+        if saved is None:
             return
-        print(f"{record['run']}: accuracy {record['accuracy']:.4f} "
-              f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
+        print(f"{record['run']}: accuracy {saved['accuracy']:.4f} "
+              f"({saved['seconds']:.0f} s)", flush=True)  # fmt: skip
 
     device = getattr(args, "device", "cpu")
     options = parallel_options(args)
@@ -431,63 +445,182 @@ def run_experiment(name: str, args: argparse.Namespace) -> None:
     run_experiments([name], args)
 
 
+def _centralized_settings(args: argparse.Namespace) -> dict[str, Any]:
+    quick = bool(getattr(args, "quick", False))
+    return {"dataset": "fashion-mnist", "model": "cnn", "activation": "sigmoid",
+            "steps": 20 * (5 if quick else 500), "batch_size": 20, "lr": 0.01, "momentum": 0.9,
+            "train_limit": 2000 if quick else None, "test_limit": 500 if quick else None,
+            "seed": args.seed}  # fmt: skip
+
+
 def centralized(args: argparse.Namespace) -> float | None:
     """Plain SGD on all the training data with one FL client's total step count: its test
     accuracy, or ``None`` if it had finished before."""
     from fl_core import build_model, load_dataset
     from fl_core.train import evaluate_accuracy, train_centralized
 
-    path = args.out / "fedavg" / "centralized.jsonl"
+    path = Path(args.out) / "fedavg" / "centralized.jsonl"
     if load_records(path):
         return None
-    steps = 20 * (5 if args.quick else 500)
-    limit = 2000 if args.quick else None
-    train = load_dataset("fashion-mnist", root=args.data_root, train=True, limit=limit)
-    test = load_dataset("fashion-mnist", root=args.data_root, train=False,
-                        limit=500 if args.quick else None)  # fmt: skip
+    s = _centralized_settings(args)
+    train = load_dataset("fashion-mnist", root=args.data_root, train=True, limit=s["train_limit"])
+    test = load_dataset("fashion-mnist", root=args.data_root, train=False, limit=s["test_limit"])
     model = build_model("cnn", in_shape=train.shape, activation="sigmoid",
                         generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     start = time.perf_counter()
-    train_centralized(model, train.images, train.labels, steps=steps, batch_size=20, lr=0.01,
+    train_centralized(model, train.images, train.labels, steps=s["steps"], batch_size=20, lr=0.01,
                       momentum=0.9, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     acc = evaluate_accuracy(model, test.images, test.labels)
-    append_record(path, {"accuracy": acc, "steps": steps, "seconds": time.perf_counter() - start})
+    seconds = time.perf_counter() - start
+    append_record(path, {"accuracy": acc, "steps": s["steps"], "seconds": seconds, "settings": s})
     return acc
 
 
-def _final(out: Path, name: str, run_name: str) -> float | None:
+# --- the committed records: what the report is built from ------------------------------------
+
+RESULTS = Path("benchmarks/results/reproduction")
+"""Where each experiment's finished runs are recorded, one ``<experiment>.json`` per experiment
+(committed: the report and the README's reproduction table are rebuilt from these alone)."""
+
+RECORD_FORMAT = "leakage-reproduction/1"
+
+
+def expected_settings(name: str, run_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a record of this run must have been measured under: the run's full
+    ``leakage fl`` config (every default included) without where and how it was computed."""
     if run_name == "centralized":
-        recs = load_records(out / name / "centralized.jsonl")
-    else:
-        recs = load_records(out / name / run_name / "rounds.jsonl")
-    return recs[-1]["accuracy"] if recs else None
+        return _centralized_settings(args)
+    from leakage.fl_cmd import EXECUTION_KEYS
+
+    skip = {"out", "data_root", "device", *EXECUTION_KEYS}
+    cfg = run_config(name, run_name, args).to_dict()
+    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in skip}))
 
 
-def _devices(out: Path, name: str) -> list[str]:
-    """The devices the experiment's runs ran on, from their ``config.json`` (CPU if unnamed)."""
-    found = set()
-    for run in EXPERIMENTS[name]():
-        path = out / name / run / "config.json"
-        if path.exists():
-            found.add(json.loads(path.read_text()).get("device", "cpu"))
-    if name == "fedavg" and (out / name / "centralized.jsonl").exists():
-        found.add("cpu")
-    return sorted(found)
+def finished_record(name: str, run_name: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The compact record of a run finished in its folder under ``--out`` (final accuracy,
+    accuracy per evaluated round, seconds, device, settings), or ``None`` if it has not
+    finished there."""
+    out = Path(args.out) / name
+    if run_name == "centralized":
+        recs = load_records(out / "centralized.jsonl")
+        if not recs:
+            return None
+        r = recs[-1]
+        return {
+            "accuracy": r["accuracy"],
+            "curve": [],
+            "seconds": round(r["seconds"], 1),
+            "device": "cpu",
+            "settings": r.get("settings", _centralized_settings(args)),
+        }
+    folder = out / run_name
+    recs = load_records(folder / "rounds.jsonl")
+    cfg_path = folder / "config.json"
+    if not recs or not cfg_path.exists():
+        return None
+    config = json.loads(cfg_path.read_text())
+    rounds = run_config(name, run_name, args).rounds
+    if recs[-1].get("round") != rounds:
+        return None
+    from leakage.fl_cmd import EXECUTION_KEYS
+
+    skip = {"out", "data_root", "device", *EXECUTION_KEYS}
+    return {
+        "accuracy": recs[-1]["accuracy"],
+        "curve": [[r["round"], r["accuracy"]] for r in recs],
+        "seconds": round(sum(r.get("seconds") or 0.0 for r in recs), 1),
+        "device": config.get("device", "cpu"),
+        "settings": {**{k: v for k, v in config.items() if k not in skip}, "rounds": rounds},
+    }
 
 
-def _accuracies(out: Path, name: str) -> Accuracies:
-    return {run: _final(out, name, run) for run in EXPERIMENTS[name]()}
+def results_file(name: str, args: argparse.Namespace) -> Path:
+    return Path(args.results) / f"{name}.json"
+
+
+def load_results(name: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The experiment's committed run records (run name -> record); empty if none."""
+    path = results_file(name, args)
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    if doc.get("format") != RECORD_FORMAT:
+        raise ValueError(f"{path} is not a {RECORD_FORMAT} file: rerun its experiment")
+    return doc["runs"]
+
+
+def save_record(name: str, run_name: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Copy the run's finished record from its folder into the experiment's results file
+    (written atomically; the other runs' records are kept). Returns the record, or ``None``
+    if the run has not finished."""
+    record = finished_record(name, run_name, args)
+    if record is None or record["settings"] != expected_settings(name, run_name, args):
+        return None  # unfinished, or a folder measured under other settings: not recorded
+    runs = load_results(name, args)
+    if runs.get(run_name) != record:
+        runs[run_name] = record
+        order = {r: i for i, r in enumerate(_cells(name))}
+        runs = dict(sorted(runs.items(), key=lambda kv: order.get(kv[0], len(order))))
+        doc = {"format": RECORD_FORMAT, "experiment": name,
+               "script": "benchmarks/reproduction.py", "runs": runs}  # fmt: skip
+        path = results_file(name, args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(doc, indent=1)
+        point = r"\[\s+(-?[\d.e+-]+),\s+(-?[\d.e+-]+)\s+\]"
+        text = re.sub(point, r"[\1, \2]", text)  # a curve's point on one line
+        write_atomic(path, text + "\n")
+    return record
+
+
+def collect(names: Sequence[str], args: argparse.Namespace) -> None:
+    """Record every run finished under ``--out`` (runs finished by an earlier pass, another
+    machine's folders copied here) into the results files."""
+    for name in names:
+        for run_name in _cells(name):
+            save_record(name, run_name, args)
+
+
+Records = dict[str, dict[str, Any]]  # run name -> committed record
+
+
+def current_records(name: str, args: argparse.Namespace) -> tuple[Records, list[str]]:
+    """The experiment's records measured under the settings its runs have now, and the names of
+    those whose settings have changed since (stale: the report leaves them out)."""
+    kept, stale = {}, []
+    for run_name, record in load_results(name, args).items():
+        if run_name not in _cells(name):
+            continue
+        if record["settings"] == expected_settings(name, run_name, args):
+            kept[run_name] = record
+        else:
+            stale.append(run_name)
+    return kept, stale
+
+
+def _final(records: Records, run_name: str) -> float | None:
+    record = records.get(run_name)
+    return None if record is None else record["accuracy"]
+
+
+def _devices(records: Records) -> list[str]:
+    """The devices the experiment's recorded runs ran on."""
+    return sorted({r["device"] for r in records.values()})
+
+
+def _accuracies(records: Records, name: str) -> Accuracies:
+    return {run: _final(records, run) for run in EXPERIMENTS[name]()}
 
 
 CHANCE = 0.11  # 10 classes: a run whose every evaluation is below this never learned
 
 
-def _never_learned(out: Path, name: str, run: str) -> bool:
-    recs = load_records(out / name / run / "rounds.jsonl")
-    return bool(recs) and max(r["accuracy"] for r in recs) < CHANCE
+def _never_learned(records: Records, run: str) -> bool:
+    curve = records[run]["curve"] if run in records else []
+    return bool(curve) and max(acc for _, acc in curve) < CHANCE
 
 
-def _matrix(out: Path, name: str, acc: Accuracies) -> list[str]:
+def _matrix(records: Records, acc: Accuracies) -> list[str]:
     """Runs named ``<row>-<column>`` as a table of final accuracies; a dagger marks a run that
     never rose above chance in any evaluated round (stuck, not merely poisoned)."""
     rows: dict[str, dict[str, str]] = {}
@@ -495,7 +628,7 @@ def _matrix(out: Path, name: str, acc: Accuracies) -> list[str]:
     for run, value in acc.items():
         row, _, col = run.partition("-")
         cell = "–" if value is None else _pct(value)
-        if value is not None and _never_learned(out, name, run):
+        if value is not None and _never_learned(records, run):
             cell, stuck = cell + " †", True
         rows.setdefault(row, {})[col] = cell
     cols = list(dict.fromkeys(c for r in rows.values() for c in r))
@@ -507,25 +640,24 @@ def _matrix(out: Path, name: str, acc: Accuracies) -> list[str]:
     return lines
 
 
-def _plot_curves(out: Path, name: str, path: Path) -> bool:
+def _plot_curves(records: Records, name: str, path: Path) -> bool:
     """Accuracy against round, one panel per aggregation rule; False if nothing has run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    curves: dict[str, dict[str, list[list[float]]]] = {}
     for run in EXPERIMENTS[name]():
-        recs = load_records(out / name / run / "rounds.jsonl")
-        if recs:
+        if run in records and records[run]["curve"]:
             row, _, col = run.partition("-")
-            curves.setdefault(row, {})[col] = recs
+            curves.setdefault(row, {})[col] = records[run]["curve"]
     if not curves:
         return False
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), sharey=True)
     for ax, (row, runs) in zip(list(axes) if len(curves) > 1 else [axes], curves.items()):
-        for col, recs in runs.items():
-            ax.plot([r["round"] for r in recs], [r["accuracy"] for r in recs], label=col)
+        for col, curve in runs.items():
+            ax.plot([r for r, _ in curve], [a for _, a in curve], label=col)
         ax.set_title(row)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
@@ -533,12 +665,15 @@ def _plot_curves(out: Path, name: str, path: Path) -> bool:
     axes[0].set_ylabel("test accuracy") if len(curves) > 1 else axes.set_ylabel("test accuracy")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png", metadata={"Software": None})
     plt.close(fig)
     return True
 
 
-def write_report(args: argparse.Namespace, path: Path) -> str:
+def report_text(args: argparse.Namespace) -> str:
+    """The report, built from the committed records alone (see :func:`current_records`)."""
+    results = Path(args.results).as_posix()
     lines = [
         "# Reproductions: FedAvg convergence and Byzantine-robust aggregation",
         "",
@@ -549,24 +684,28 @@ def write_report(args: argparse.Namespace, path: Path) -> str:
         "2023) and the Emoji label-flipping study, as `benchmarks/reproduction.py` lists "
         "them) next to "
         "the lab's final test accuracy; each qualitative claim states the criterion that decides "
-        "it on the lab's numbers. `–` means the run has not finished yet. Runs live under "
-        f"`{args.out}` and resume.",
+        "it on the lab's numbers. Every number comes from the run records committed in "
+        f"`{results}/<experiment>.json` (final accuracy, accuracy per evaluated round, "
+        "seconds, device and the run's full settings); `–` means no record measured under the "
+        "run's current settings. The runs themselves live under "
+        f"`{Path(args.out).as_posix()}` and resume.",
         "",
     ]
     held = {True: "**held**", False: "**not held**"}
     for name in EXPERIMENTS:
+        records, stale = current_records(name, args)
         lines += [f"## {name}", "", " ".join((inspect.getdoc(EXPERIMENTS[name]) or "").split()), ""]
         if name in CLAIMS:
             lines += ["| run | source | lab | difference |", "|---|---|---|---|"]
             for run_name, claim in CLAIMS[name].items():
-                got = _final(args.out, name, run_name)
+                got = _final(records, run_name)
                 diff = "–" if got is None else f"{100 * (got - claim):+.2f} pts"
                 shown = "–" if got is None else _pct(got)
                 lines.append(f"| {run_name} | {_pct(claim)} | {shown} | {diff} |")
             lines.append("")
-        acc = _accuracies(args.out, name)
+        acc = _accuracies(records, name)
         if name not in CLAIMS:
-            lines += _matrix(args.out, name, acc) + [""]
+            lines += _matrix(records, acc) + [""]
         if name in VERDICTS:
             lines += ["| source claim | criterion | verdict | lab's numbers |", "|---|---|---|---|"]
             for v in VERDICTS[name]:
@@ -575,18 +714,26 @@ def write_report(args: argparse.Namespace, path: Path) -> str:
                                                                              result[1])  # fmt: skip
                 lines.append(f"| {v.claim} | {v.criterion} | {verdict} | {evidence} |")
             lines.append("")
-        devices = _devices(args.out, name)
-        if devices:
-            lines += [f"Ran on: {', '.join(devices)}.", ""]
+        if stale:
+            lines += [f"Left out, measured under settings the runs no longer have (rerun them): "
+                      f"{', '.join(stale)}.", ""]  # fmt: skip
+        if records:
+            hours = sum(r["seconds"] for r in records.values()) / 3600
+            lines += [f"Ran on: {', '.join(_devices(records))}; {len(records)} runs recorded, "
+                      f"{hours:.1f} run-hours in all.", ""]  # fmt: skip
         if name.startswith("robust_gd") and _plot_curves(
-            args.out, name, args.figures / f"{name}.png"
+            records, name, Path(args.figures) / f"{name}.png"
         ):
             rel = Path("results") / "reproduction" / f"{name}.png"
             lines += [f"![{name} accuracy by round]({rel.as_posix()})", ""]
     if args.quick:
         lines.insert(2, "**Smoke run (`--quick`): not a reproduction.**\n")
-    text = "\n".join(lines)
-    path.write_text(text)
+    return "\n".join(lines)
+
+
+def write_report(args: argparse.Namespace, path: Path) -> str:
+    text = report_text(args)
+    write_atomic(path, text)
     return text
 
 
@@ -600,6 +747,9 @@ def main(argv=None) -> int:
     p.add_argument("--report-file", type=Path, default=Path("benchmarks/REPRODUCTION.md"))
     p.add_argument("--figures", type=Path, default=Path("benchmarks/results/reproduction"),
                    help="where the report's figures go")  # fmt: skip
+    p.add_argument("--results", type=Path, default=None,
+                   help=f"the run records the report is built from (default {RESULTS}; "
+                   "with --quick, <out>/records)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--runs",
@@ -616,11 +766,14 @@ def main(argv=None) -> int:
     for e in args.experiments:
         if e not in EXPERIMENTS:
             p.error(f"unknown experiment {e!r}; valid: {', '.join(EXPERIMENTS)}")
+    if args.results is None:
+        args.results = args.out / "records" if args.quick else RESULTS
     if not args.report:
         try:
             run_experiments(args.experiments, args)
         except ValueError as e:  # the parallel options: say what to fix
             p.error(str(e))
+    collect(args.experiments, args)  # runs finished under --out by an earlier pass
     print(write_report(args, args.report_file))
     return 0
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from leakage.store import load_records
+from leakage.sweep import load_script
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reproduction.py"
 _spec = importlib.util.spec_from_file_location("reproduction", _SCRIPT)
@@ -40,7 +45,50 @@ def test_quick_pass_reports_every_claim_and_resumes(shared_datasets, tmp_path, c
     assert rep.main(argv) == 0
     after = load_records(tmp_path / "runs" / "fedavg" / "M10-iid" / "rounds.jsonl")
     assert before == after and len(after) == 2
+    # the records alone rebuild the same report: nothing under --out is needed
+    records = tmp_path / "runs" / "records"
+    assert {p.stem for p in records.glob("*.json")} == set(rep.EXPERIMENTS)
+    moved = tmp_path / "records"
+    records.rename(moved)
+    for folder in (tmp_path / "runs").iterdir():
+        shutil.rmtree(folder)
+    again = argv + ["--report", "--results", str(moved), "--report-file", str(tmp_path / "R2.md")]
+    assert rep.main(again) == 0
+    assert (tmp_path / "R2.md").read_text() == report.replace(str(records), str(moved))
+    # a record measured under other settings (a default changed since) is left out as stale
+    path = moved / "fedavg.json"
+    doc = json.loads(path.read_text())
+    doc["runs"]["M10-iid"]["settings"]["weighting"] = "processed"
+    path.write_text(json.dumps(doc))
+    assert rep.main(again) == 0
+    stale = (tmp_path / "R2.md").read_text()
+    assert "| M10-iid | 86.17% | – | – |" in stale
+    assert "measured under settings the runs no longer have (rerun them): M10-iid." in stale
     capsys.readouterr()
+
+
+def test_an_interrupted_pass_keeps_the_runs_it_finished(shared_datasets, tmp_path, monkeypatch):
+    args = argparse.Namespace(quick=True, data_root=str(shared_datasets), out=tmp_path / "runs",
+                              results=tmp_path / "records", seed=0, device="cpu", runs=None,
+                              workers=1, ray_address=None, threads=1)  # fmt: skip
+    script = load_script(os.path.realpath(_SCRIPT))  # the copy run_cells calls into
+    real = script.run_fl
+
+    def dies_on_the_second(cfg):
+        if cfg.out.endswith("mean-flip25"):
+            raise KeyboardInterrupt
+        return real(cfg)
+
+    monkeypatch.setattr(script, "run_fl", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        rep.run_experiments(["label_flip_krum"], args)
+    kept = rep.load_results("label_flip_krum", args)
+    assert list(kept) == ["mean-flip0", "krum-flip0"]  # recorded as each finished
+    assert kept["mean-flip0"]["curve"][-1] == [2, kept["mean-flip0"]["accuracy"]]
+    monkeypatch.setattr(script, "run_fl", real)
+    rep.run_experiments(["label_flip_krum"], args)  # resumes: the first two are not rerun
+    assert list(rep.load_results("label_flip_krum", args)) == list(rep.EXPERIMENTS[
+        "label_flip_krum"]())  # fmt: skip
 
 
 def _gd(mean, median, trimmed):
