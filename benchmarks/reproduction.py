@@ -413,13 +413,18 @@ def _cells(name: str) -> list[str]:
 
 def run_experiments(names: Sequence[str], args: argparse.Namespace) -> None:
     """The experiments' runs (those matching ``args.runs``, if given), each resumed in its
-    folder, ``args.workers`` at once; a run that fails its checks (ValueError) is skipped.
+    folder, ``args.workers`` at once; a run that fails its checks (ValueError) is skipped, and
+    one whose committed record was measured under its current settings is not rerun (unless
+    ``args.rerun``): the records, not the ignored run folders, carry a pass across machines.
     Each finished run's record goes to the experiment's results file as it finishes
     (:func:`save_record`), so an interrupted pass keeps every run it completed."""
     patterns = getattr(args, "runs", None)
     cells = []
     for name in names:
+        recorded = {} if getattr(args, "rerun", False) else current_records(name, args)[0]
         for run_name in _cells(name):
+            if run_name in recorded:
+                continue  # its committed record stands (another machine's, an earlier pass's)
             if not patterns or any(fnmatch.fnmatchcase(run_name, pat) for pat in patterns):
                 cells.append((name, run_name))
 
@@ -761,6 +766,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the runs' device)")
     p.add_argument("--quick", action="store_true", help="smoke run: few rounds and steps")
     p.add_argument("--report", action="store_true", help="only rebuild the report")
+    p.add_argument("--rerun", action="store_true",
+                   help="rerun runs that have a current record (default: skip them)")  # fmt: skip
     add_parallel_args(p)
     args = p.parse_args(argv)
     for e in args.experiments:

@@ -72,10 +72,7 @@ def ran(out, shared_datasets):
         if name in CUDA_ONLY and device == "cpu":
             pytest.skip(f"{name} needs about {CUDA_ONLY[name]} on one CPU core: run it with CUDA")
         if name not in _DONE:
-            args = Namespace(
-                quick=False, data_root=str(shared_datasets), out=out, seed=0, device=device
-            )
-            rep.run_experiment(name, args)
+            rep.run_experiment(name, _args(out, shared_datasets, device))
             _DONE.add(name)
 
     return run
@@ -86,17 +83,21 @@ def _xfail(key):
     return [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
 
 
+def _args(out: Path, data_root="data", device="cpu") -> Namespace:
+    """The runs go to ``out``, their records to ``out/records`` (not the committed ones)."""
+    return Namespace(quick=False, data_root=str(data_root), out=out, results=out / "records",
+                     seed=0, device=device)  # fmt: skip
+
+
+def _records(name: str, out: Path) -> dict:
+    """The records of the experiment's runs finished (this session or before) under ``out``."""
+    return rep.current_records(name, _args(out))[0]
+
+
 @pytest.mark.parametrize(
     "name, run_name",
     [pytest.param(n, r, marks=_xfail((n, r))) for n, c in rep.CLAIMS.items() for r in c],
 )
-def _records(name: str, out: Path) -> dict:
-    """The experiment's runs finished under ``out``, as the report's records."""
-    args = Namespace(quick=False, data_root="data", out=out, seed=0)
-    found = {run: rep.finished_record(name, run, args) for run in rep._cells(name)}
-    return {run: record for run, record in found.items() if record is not None}
-
-
 def test_numeric_claim(name, run_name, ran, out):
     ran(name)
     got = rep._final(_records(name, out), run_name)
