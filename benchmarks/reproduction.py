@@ -723,9 +723,12 @@ def report_text(args: argparse.Namespace) -> str:
             lines += [f"Left out, measured under settings the runs no longer have (rerun them): "
                       f"{', '.join(stale)}.", ""]  # fmt: skip
         if records:
-            hours = sum(r["seconds"] for r in records.values()) / 3600
-            lines += [f"Ran on: {', '.join(_devices(records))}; {len(records)} runs recorded, "
-                      f"{hours:.1f} run-hours in all.", ""]  # fmt: skip
+            seconds = sum(r["seconds"] for r in records.values())
+            spent = f"{seconds / 3600:.1f} run-hours" if seconds >= 3600 else (
+                f"{seconds / 60:.0f} run-minutes")  # fmt: skip
+            runs = "1 run" if len(records) == 1 else f"{len(records)} runs"
+            lines += [f"Ran on: {', '.join(_devices(records))}; {runs} recorded, {spent} in all.",
+                      ""]  # fmt: skip
         if name.startswith("robust_gd") and _plot_curves(
             records, name, Path(args.figures) / f"{name}.png"
         ):

@@ -48,9 +48,6 @@ NOT_REPRODUCED = {
     "plateau: trimmed mean 10.00 / 10.00 / 54.17% at ratios 0.1 / 0.2 / 0.4",
     ("label_flip_krum", "Krum restores the clean accuracy at 50%"): "Krum (f = 0, n = 4) picks "
     "one of the two flipped clients: 1.68% against FedAvg's clean 76.91%",
-    ("fedmlsecurity", "Exp 2: defenses cost accuracy without an attack"): "7 of 8 defenses cost "
-    "0.15-24.1 pts; FoolsGold ties FedAvg (52.40% vs 52.35%): non-IID histories look dissimilar, "
-    "so it weights every client fully",
 }
 
 CUDA_ONLY = {"robust_gd_full": "40 hours"}  # 11 runs of 3.5 hours
