@@ -221,7 +221,7 @@ def build_model(
             model's first layer maps pixel-space inputs to ``(x - mean) / std``
             (``None``: inputs go in as they are).
         **options: victim-specific options (``cifar_stem`` for ``resnet18``,
-            ``width`` and ``depth`` for ``mlp``).
+            ``width`` and ``depth`` for ``mlp``, ``negative_slope`` for ``cnn6``).
 
     Returns:
         The model in train mode, on the CPU, with ``model.spec`` set to its
@@ -528,6 +528,53 @@ class MLP(nn.Module):
         return self.net(self.input_norm(x))  # (B, C, H, W) -> (B, C*H*W) -> ... -> (B, classes)
 
 
+class CNN6(nn.Module):
+    """The six-convolution victim of R-GAP (Zhu & Blaschko, "R-GAP: Recursive
+    Gradient Attack on Privacy", ICLR 2021, their "CNN6"), with the layers of
+    breaching's ``cnn6`` (``breaching/cases/models/model_preparation.py``).
+
+    Conv(C->12, k4, s2, p2) -> act -> Conv(12->36, k3, s2, p1) -> act ->
+    Conv(36->36, k3, s1, p1) -> act -> Conv(36->36, k3, s1, p1) -> act ->
+    Conv(36->64, k3, s2, p1) -> act -> Conv(64->128, k3, s1, p1) -> act ->
+    Linear(128*h*w -> classes). Convolutions have no bias, the linear layer
+    has one. For 32x32 inputs the spatial sizes are 17, 9, 9, 9, 5, 5 and the
+    linear layer reads 3,200 features (28x28: 15, 8, 8, 8, 4, 4 and 2,048).
+    The default activation is the paper's leaky ReLU with slope 0.2 (option
+    ``negative_slope``; the ``leaky_relu`` of :data:`ACTIVATIONS` elsewhere has
+    PyTorch's 0.01). PyTorch's default init, drawn from the generator.
+
+    Input (B, C, H, W) -> logits (B, classes).
+    """
+
+    LAYERS = (
+        (12, 4, 2, 2),
+        (36, 3, 2, 1),
+        (36, 3, 1, 1),
+        (36, 3, 1, 1),
+        (64, 3, 2, 1),
+        (128, 3, 1, 1),
+    )
+    """(out channels, kernel, stride, padding) of the six convolutions."""
+
+    def __init__(self, num_classes: int, in_shape: tuple[int, int, int], act: Callable) -> None:
+        super().__init__()
+        self.input_norm = InputNormalization()
+        c, h, w = in_shape
+        layers: list[nn.Module] = []
+        for c_out, k, s, p in self.LAYERS:
+            layers += [nn.Conv2d(c, c_out, kernel_size=k, stride=s, padding=p, bias=False), act()]
+            c = c_out
+            h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(c * h * w, num_classes)
+
+    def init_weights(self, g: torch.Generator) -> None:
+        _default_init(self, g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(self.input_norm(x)).flatten(1))  # (B, 128*h*w) -> (B, classes)
+
+
 def _swap_relu(module: nn.Module, act: Callable) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.ReLU):
@@ -575,3 +622,16 @@ def _mlp(*, num_classes, in_shape, activation=None, width: int = 1024, depth: in
     activation = activation or "relu"
     width, depth = _positive_int(width, "width"), _positive_int(depth, "depth")
     return MLP(num_classes, in_shape, _activation(activation), width, depth), activation
+
+
+@MODELS.register("cnn6")
+def _cnn6(*, num_classes, in_shape, activation=None, negative_slope: float = 0.2):
+    activation = activation or "leaky_relu"
+    if activation == "leaky_relu":
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+            raise ValueError(f"cnn6 negative_slope must be a number; got {negative_slope!r}")
+        slope = float(negative_slope)
+        act = lambda: nn.LeakyReLU(negative_slope=slope)  # noqa: E731
+    else:
+        act = _activation(activation)
+    return CNN6(num_classes, in_shape, act), activation

@@ -5,6 +5,8 @@ from .base import ATTACKS, Attack, Reconstruction, build_attack
 from .dlg import DLG, match_gradients
 from .idlg import IDLG
 from .inverting import InvertingGradients, invert_gradients
+from .rgap import RGAP, LayerRank, rank_analysis
+from .spear import Spear, SpearResult, spear_linear
 
 __all__ = [
     "ATTACKS",
@@ -13,8 +15,14 @@ __all__ = [
     "DLG",
     "IDLG",
     "InvertingGradients",
+    "LayerRank",
+    "RGAP",
     "Reconstruction",
+    "Spear",
+    "SpearResult",
     "build_attack",
     "invert_gradients",
     "match_gradients",
+    "rank_analysis",
+    "spear_linear",
 ]
