@@ -119,7 +119,9 @@ def _check_module(name: str, module: nn.Module) -> None:
     kind = type(module).__name__
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
-            raise ValueError(f"rgap: {name} ({kind}) has groups={module.groups}; only 1 is supported")
+            raise ValueError(
+                f"rgap: {name} ({kind}) has groups={module.groups}; only 1 is supported"
+            )
         if module.padding_mode != "zeros":
             raise ValueError(f"rgap: {name} ({kind}) pads with {module.padding_mode!r}, not zeros")
         _conv_padding(module, name)
