@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import math
 import statistics
 import time
@@ -53,7 +54,7 @@ from fl_core import build_model, load_dataset, load_samples
 from leakage import ATTACKS, score_images
 from leakage.experiment import AttackConfig, observe
 from leakage.metrics import label_count_accuracy, label_set_accuracy
-from leakage.store import load_records
+from leakage.store import load_records, write_atomic
 from leakage.sweep import (
     ScriptFunction,
     add_parallel_args,
@@ -78,8 +79,9 @@ VICTIMS = {  # name -> (model, activation, BatchNorm mode, trained)
     "resnet20-trained": ("resnet20", "relu", "train", True),
     "resnet20-trained-eval": ("resnet20", "relu", "eval", True),
     "mlp-relu-trained": ("mlp", "relu", "train", True),
+    "cnn6": ("cnn6", "leaky_relu", "train", False),  # R-GAP's CNN6 (leaky ReLU 0.2)
 }
-SMALL = {v for v, (m, *_rest) in VICTIMS.items() if m in ("lenet", "cnn", "mlp")}
+SMALL = {v for v, (m, *_rest) in VICTIMS.items() if m in ("lenet", "cnn", "mlp", "cnn6")}
 BUDGETS = {  # attack -> (options for small victims, options for ResNets; None: not run)
     # DLG and iDLG do not invert a ResNet at any budget this grid can afford
     # (L-BFGS through ~0.3-11 M parameters); the earlier table ran them for 2
@@ -88,12 +90,37 @@ BUDGETS = {  # attack -> (options for small victims, options for ResNets; None: 
     "idlg": ({"steps": 100, "restarts": 1}, None),
     "ig": ({"steps": 1000, "restarts": 1}, {"steps": 500, "restarts": 1}),
     "analytic": ({}, {}),
+    "rgap": ({}, {}),
+    "spear": ({}, {}),
+    "cpa": ({}, {}),
 }
 TRAINING = dict(limit=10000, epochs=2, batch_size=64, lr=0.05, momentum=0.9)
 """How ``leakage train`` makes the trained victims (CIFAR-10 training images,
 input normalisation from the data, seed 0); the checkpoints are cached under
 ``<out>/checkpoints/`` and not committed (``--retrain`` makes them anew)."""
 ANALYTIC_VICTIMS = {"mlp-relu", "mlp-relu-trained"}  # the closed form needs a first linear layer
+SCOPE = {  # attack -> the victims in its scope (attacks not listed: every victim but the MLPs)
+    "analytic": ANALYTIC_VICTIMS,
+    "spear": ANALYTIC_VICTIMS,  # a first ReLU linear layer
+    "cpa": ANALYTIC_VICTIMS,  # a first linear layer
+    # R-GAP: plain conv/linear chains with invertible activations (no ReLU, no BatchNorm)
+    # (the small CNN max-pools, which no equation inverts)
+    "rgap": {"lenet-sigmoid-raw", "lenet-sigmoid", "lenet-sigmoid-trained", "cnn6"},
+}
+CLOSED_FORM_BATCH = {"rgap": 1}  # attacks defined for batch 1 only
+
+
+def in_scope(attack: str, victim: str, batch: int) -> bool:
+    """Whether the suite runs ``attack`` on ``victim`` at ``batch`` (and has a budget for it)."""
+    if attack not in BUDGETS or BUDGETS[attack][0 if victim in SMALL else 1] is None:
+        return False
+    if batch > CLOSED_FORM_BATCH.get(attack, batch):
+        return False
+    if attack in SCOPE:
+        return victim in SCOPE[attack]
+    return victim not in ANALYTIC_VICTIMS
+
+
 FEDAVG_STEPS, FEDAVG_LR, AGGREGATE_CLIENTS = 4, 0.05, 4
 COLUMNS = [  # of table.csv: one row per (dataset, attack, victim, batch, threat)
     "dataset",
@@ -238,38 +265,115 @@ def grid_cell(cell: tuple, root: str, figs: Path) -> dict:
     return run_cell(*cell, root, figs)
 
 
-def write_tables(cells: list[dict], out: Path) -> str:
-    """Mean over seeds per (dataset, attack, victim, batch, threat); Markdown + CSV."""
+ROW_KEY = ("dataset", "attack", "victim", "batch", "threat")
+NUMERIC = ("psnr", "ssim", "label_set_accuracy", "label_count_accuracy", "seconds")
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows (means over seeds) of an earlier ``table.csv``, typed as :func:`write_tables`
+    writes them (without its ``best`` column, which is recomputed)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["batch"], r["seeds"] = int(r["batch"]), int(r["seeds"])
+        for m in NUMERIC:
+            r[m] = float(r[m])
+        r.pop("best", None)
+    return rows
+
+
+def cell_of(row: dict) -> tuple:
+    """(dataset, victim, batch, threat): the cell a row's attack ran in."""
+    return (row["dataset"], row["victim"], row["batch"], row["threat"])
+
+
+def best_per_cell(rows: list[dict]) -> dict[tuple, dict]:
+    """Per (dataset, victim, batch, threat): the row of the attack with the highest mean PSNR.
+
+    The defender's worst case among the attacks the suite ran there: an attacker
+    who sees the update can run them all, and the reconstruction that fits the
+    update best is, for the exact attacks, the right one (see ``leakage.attacks.best``).
+    Ties (exact recoveries are shown as 100 dB) go to the faster attack.
+    """
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        k = cell_of(r)
+        if k not in out or (r["psnr"], -r["seconds"]) > (out[k]["psnr"], -out[k]["seconds"]):
+            out[k] = r
+    return out
+
+
+def write_tables(cells: list[dict], out: Path, earlier: list[dict] = ()) -> str:
+    """Mean over seeds per (dataset, attack, victim, batch, threat); Markdown + CSV.
+
+    ``earlier``: rows of an earlier table (:func:`read_table`) kept where this
+    run's cells do not measure the same (dataset, attack, victim, batch, threat).
+    The ``best`` column marks, in each (dataset, victim, batch, threat), the
+    attack with the highest mean PSNR (:func:`best_per_cell`); a second table
+    lists those cells.
+    """
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
         groups.setdefault(key(c)[:5], []).append(c)
-    rows = []
-    for k in sorted(groups, key=lambda k: (k[0], k[1], list(VICTIMS).index(k[2]), k[3], k[4])):
-        cs = groups[k]
-        row = dict(zip(("dataset", "attack", "victim", "batch", "threat"), k))
+    measured = []
+    for k, cs in groups.items():
+        row = dict(zip(ROW_KEY, k))
         row["seeds"] = len(cs)
-        for m in ("psnr", "ssim", "label_set_accuracy", "label_count_accuracy", "seconds"):
+        for m in NUMERIC:
             row[m] = statistics.fmean(c[m] for c in cs)
         row["budget"] = cs[0]["budget"]
-        rows.append(row)
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+        measured.append(row)
+    kept = [r for r in earlier if tuple(r[c] for c in ROW_KEY) not in groups]
+    order = list(VICTIMS)
+    rows = sorted(
+        kept + measured,
+        key=lambda r: (
+            r["dataset"],
+            r["attack"],
+            order.index(r["victim"]),
+            r["batch"],
+            r["threat"],
+        ),
+    )
+    best = best_per_cell(rows)
+    for r in rows:
+        r["best"] = "yes" if best[cell_of(r)] is r else ""
+    buffer = io.StringIO()
+    w = csv.DictWriter(buffer, fieldnames=[*COLUMNS, "best"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out / "table.csv", buffer.getvalue())
     lines = [
         "| dataset | attack | victim | B | threat | seeds | PSNR dB | SSIM | label set | "
-        "label count | s | budget |",
-        "|---|---|---|--:|---|--:|--:|--:|--:|--:|--:|---|",
+        "label count | s | budget | best |",
+        "|---|---|---|--:|---|--:|--:|--:|--:|--:|--:|---|:-:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['attack']} | {r['victim']} | {r['batch']} | {r['threat']} "
             f"| {r['seeds']} | {r['psnr']:.1f} | {r['ssim']:.3f} | "
             f"{r['label_set_accuracy']:.2f} | {r['label_count_accuracy']:.2f} | "
-            f"{r['seconds']:.1f} | {r['budget']} |"
+            f"{r['seconds']:.1f} | {r['budget']} | {'**best**' if r['best'] else ''} |"
+        )
+    lines += [
+        "",
+        "Best attack per cell (highest mean PSNR among the attacks run there):",
+        "",
+        "| dataset | victim | B | threat | best attack | PSNR dB | SSIM | runner-up |",
+        "|---|---|--:|---|---|--:|--:|---|",
+    ]
+    for k in sorted(best, key=lambda k: (k[0], order.index(k[1]), k[2], k[3])):
+        b = best[k]
+        others = sorted(
+            (r for r in rows if cell_of(r) == k and r is not b), key=lambda r: -r["psnr"]
+        )
+        runner = f"{others[0]['attack']} {others[0]['psnr']:.1f}" if others else "–"
+        lines.append(
+            f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {b['attack']} | {b['psnr']:.1f} | "
+            f"{b['ssim']:.3f} | {runner} |"
         )
     md = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(md)
+    write_atomic(out / "table.md", md)
     return md
 
 
@@ -369,6 +473,13 @@ def main(argv=None) -> int:
     p.add_argument("--restart-cost", action="store_true", help="measure batched restarts instead")
     p.add_argument("--restart-counts", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--retrain", action="store_true", help="train the trained victims anew")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="an earlier table.csv whose rows this run keeps where it measures nothing new "
+        "(e.g. benchmarks/results/attack_suite.csv)",
+    )
     add_parallel_args(p)
     args = p.parse_args(argv)
     for v in args.victims:
@@ -392,8 +503,7 @@ def main(argv=None) -> int:
         for b in args.batch_sizes
         for t in args.threats
         for s in args.seeds
-        if (a == "analytic") == (v in ANALYTIC_VICTIMS)
-        and BUDGETS[a][0 if v in SMALL else 1] is not None
+        if in_scope(a, v, b)
     ]
     try:  # before any training: a bad parallel option costs nothing
         check_parallel(**parallel_options(args))
@@ -419,7 +529,8 @@ def main(argv=None) -> int:
     except ValueError as e:  # the parallel options: say what to fix
         p.error(str(e))
     cells = load_records(path)
-    print(write_tables(cells, args.out))
+    earlier = read_table(args.merge) if args.merge else []
+    print(write_tables(cells, args.out, earlier))
     write_figure(cells, args.out)
     return 0
 
