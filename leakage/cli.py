@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     from .attacks import ATTACKS
     from .fl_cmd import add_fl_parser
     from .labels import LABEL_STRATEGIES
+    from .metrics import LPIPS_NETS
     from .simulate import THREAT_MODELS
     from .train_cmd import add_train_parser
 
@@ -131,6 +132,19 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--precision", default=S, help="auto (float64 for small victims), float32 or float64"
     )
+    a.add_argument(
+        "--metrics",
+        default=S,
+        metavar="NAMES",
+        help="image metrics, comma-separated: psnr, ssim, lpips (default psnr,ssim; PSNR and "
+        "SSIM are always reported; LPIPS, lower is better, needs pip install "
+        "'leakage-lab[lpips]' and downloads its backbone weights on first use)",
+    )
+    a.add_argument(
+        "--lpips-net",
+        default=S,
+        help=f"LPIPS backbone: {', '.join(LPIPS_NETS)} (default alex)",
+    )
     a.add_argument("--seed", type=int, default=S, help="seed of weights and attack (default 0)")
     a.add_argument("--device", default=S, help="cpu or cuda (default cpu)")
     a.add_argument("--out", default=S, help="output folder (default: new folder under results/)")
@@ -173,8 +187,11 @@ def _attack(args: argparse.Namespace) -> int:
     result = run_attack(cfg, progress=not args.quiet, threads=args.threads)
     s = result["summary"]
     psnr = "inf" if s["psnr"] is None else f"{s['psnr']:.2f}"
+    lpips = ""
+    if "lpips" in s:
+        lpips = "LPIPS nan  " if s["lpips"] is None else f"LPIPS {s['lpips']:.4f}  "
     print(
-        f"PSNR {psnr} dB  SSIM {s['ssim']:.4f}  label accuracy {s['label_accuracy']:.2f} "
+        f"PSNR {psnr} dB  SSIM {s['ssim']:.4f}  {lpips}label accuracy {s['label_accuracy']:.2f} "
         f"(set {s['label_set_accuracy']:.2f})  "
         f"({result['seconds']:.1f} s)  -> {result['config']['out']}"
     )

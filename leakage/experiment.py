@@ -36,7 +36,14 @@ from fl_core.types import GroundTruth, Observation
 
 from .attacks import ATTACKS
 from .labels import LABEL_STRATEGIES
-from .metrics import label_accuracy, label_set_accuracy, score_images
+from .metrics import (
+    DEFAULT_METRICS,
+    LPIPS_NETS,
+    check_metrics,
+    label_accuracy,
+    label_set_accuracy,
+    score_images,
+)
 from .report import plot_history, plot_reconstruction
 from .simulate import THREAT_MODELS
 
@@ -186,18 +193,32 @@ def check_device(name: str, value: Any) -> str:
     return value
 
 
-def check_scorable(shape: Sequence[int], what: str = "shape") -> None:
-    """Raise a one-line ValueError unless images of ``shape`` (C, H, W) can be scored.
+def check_scorable(
+    shape: Sequence[int],
+    what: str = "shape",
+    *,
+    metrics: Sequence[str] | str = DEFAULT_METRICS,
+    lpips_net: str = "alex",
+) -> None:
+    """Raise a one-line error unless images of ``shape`` (C, H, W) can be scored.
 
-    Runs the metrics of :func:`~leakage.metrics.score_images` on one blank pair of
+    Runs :func:`~leakage.metrics.score_images` with ``metrics`` on one blank pair of
     that shape (cheap; capped at 64 x 64, as they need a minimum size only), so what
-    the metrics need (SSIM's window fitting in the image) is checked before any
-    attack is run, not after it.
+    the metrics need (SSIM's window and LPIPS's backbone fitting in the image) is
+    checked before any attack is run, not after it. With ``lpips`` among the metrics
+    this also loads the LPIPS network (kept for the scoring), so a missing ``lpips``
+    package (ImportError) or backbone weights that cannot be downloaded (OSError)
+    are found here too.
+
+    Raises:
+        ValueError: If the metrics cannot score images of ``shape``.
+        ImportError, OSError: If LPIPS is asked for and its package or weights are
+            missing (one-line messages from :func:`~leakage.metrics.lpips`).
     """
     c, h, w = (int(s) for s in shape)
     blank = torch.zeros(1, c, min(h, 64), min(w, 64))  # the metrics need a minimum size only
     try:
-        score_images(blank, blank, data_range=1.0)
+        score_images(blank, blank, data_range=1.0, metrics=metrics, lpips_net=lpips_net)
     except ValueError as e:
         text = " ".join(str(s) for s in shape)
         raise ValueError(f"{what} {text} cannot be scored: {str(e).splitlines()[0]}") from None
@@ -262,6 +283,12 @@ class AttackConfig:
             :mod:`defenses.config`); the attacker sees the defended update.
         precision: the attack's float precision: ``auto`` (float64 for L-BFGS on
             small victims such as LeNet, float32 otherwise), ``float32``, ``float64``.
+        metrics: the image metrics to report (see :func:`~leakage.metrics.check_metrics`):
+            a list or comma-separated text of ``psnr``, ``ssim``, ``lpips``; PSNR and
+            SSIM always are. ``lpips`` needs the ``lpips`` package and, on first use,
+            network to download its backbone's ImageNet weights.
+        lpips_net: LPIPS backbone: ``alex`` (the default, the paper's recommended
+            metric), ``vgg`` or ``squeeze``; used only with ``lpips`` in ``metrics``.
         seed: seed of the victim's weights and of the attack's random start.
         device: ``cpu`` or ``cuda``.
         out: output folder (``None``: a new folder under ``results/``).
@@ -292,6 +319,8 @@ class AttackConfig:
     tv: float | None = None
     defenses: tuple[Any, ...] = ()
     precision: str = "auto"
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    lpips_net: str = "alex"
     normalize: str = "auto"
     bn_mode: str = "train"
     seed: int = 0
@@ -378,6 +407,8 @@ class AttackConfig:
         put("tv", check_number("tv", self.tv, low=0, optional=True))
         put("seed", check_whole("seed", self.seed, low=0, high=MAX_SEED))
         put("device", check_device("device", self.device))
+        put("metrics", check_metrics(self.metrics))
+        put("lpips_net", check_text("lpips_net", self.lpips_net, choices=LPIPS_NETS))
         for name in ("images", "labels"):
             value = getattr(self, name)
             if value is None:
@@ -415,6 +446,7 @@ class AttackConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["images"], d["labels"] = list(self.images), list(self.labels)
+        d["metrics"] = list(self.metrics)
         d["defenses"] = [{name: dict(params)} for name, params in self.defenses]
         d["shape"] = list(self.shape) if self.shape else None
         d["batch_size"] = self.effective_batch_size
@@ -553,11 +585,15 @@ def package_versions() -> dict[str, str]:
     """Versions of Python and of the packages the numbers depend on."""
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("leakage-lab", "torch", "torchvision", "numpy", "scipy", "scikit-image"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
+        out[pkg] = _version(pkg)
     return out
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def default_out(cfg: AttackConfig) -> Path:
@@ -730,8 +766,9 @@ def run_attack(
 
     Everything that can be checked is checked before the attack runs (the
     configuration, the data, the victim, the round the attacker observes, that
-    the metrics can score images of the batch's shape), and the output folder is
-    created only then: bad input leaves no folder behind. The reconstruction is
+    the metrics can score images of the batch's shape and, with ``lpips`` among
+    ``cfg.metrics``, that its package and network weights are there), and the output
+    folder is created only then: bad input leaves no folder behind. The reconstruction is
     saved (``reconstruction.pt``: images and labels) as soon as the attack
     returns, before it is scored, so a failure while scoring or plotting never
     loses a finished attack. Every file is written atomically.
@@ -741,7 +778,9 @@ def run_attack(
     ``results.json`` as ``threads``.
 
     Returns:
-        The dict written to ``results.json``.
+        The dict written to ``results.json``: per image and in ``summary`` the PSNR
+        and SSIM, and the LPIPS distance (``lpips``, lower is better) when
+        ``cfg.metrics`` asks for it.
     """
     from .store import atomic_path, write_atomic
 
@@ -759,7 +798,8 @@ def run_attack(
         )
     attack = ATTACKS.build(cfg.attack, **cfg.attack_options())
     batch, normalization = _target_batch(cfg)
-    check_scorable(batch.shape, "images of shape")
+    # the metrics score this shape; LPIPS's network is loaded here, before any work
+    check_scorable(batch.shape, "images of shape", metrics=cfg.metrics, lpips_net=cfg.lpips_net)
     if victim is None:
         victim = build_model(
             cfg.model,
@@ -843,7 +883,13 @@ def run_attack(
         },
     }
     try:
-        scores = score_images(rec.images, gt.images.cpu(), data_range=1.0)
+        scores = score_images(
+            rec.images,
+            gt.images.cpu(),
+            data_range=1.0,
+            metrics=cfg.metrics,
+            lpips_net=cfg.lpips_net,
+        )
     except (ValueError, RuntimeError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         result["scoring_error"] = reason
@@ -871,6 +917,11 @@ def run_attack(
         "label_accuracy": label_accuracy(rec.labels.tolist(), gt.labels.tolist()),
         "label_set_accuracy": label_set_accuracy(rec.labels.tolist(), gt.labels.tolist()),
     }
+    if scores.lpips is not None:  # asked for: lower is better, 0 for identical images
+        for entry, value in zip(result["images"], scores.lpips.tolist()):
+            entry["lpips"] = _finite(value)
+        result["summary"]["lpips"] = _finite(float(scores.lpips.mean()))
+        result["versions"]["lpips"] = _version("lpips")
     write_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
     title = f"{cfg.attack} on {cfg.model} ({model.spec.activation})"
     with atomic_path(out / "reconstruction.png") as tmp:

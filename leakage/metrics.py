@@ -253,9 +253,9 @@ def _check_lpips_options(net: str, backbone_seed: int | None) -> None:
     if net not in LPIPS_NETS:
         raise ValueError(f"unknown LPIPS net {net!r}; valid: {', '.join(LPIPS_NETS)}")
     whole = isinstance(backbone_seed, int) and not isinstance(backbone_seed, bool)
-    if backbone_seed is not None and not (whole and backbone_seed >= 0):
+    if backbone_seed is not None and not (whole and 0 <= backbone_seed < 2**64):
         raise ValueError(
-            f"backbone_seed must be None (ImageNet weights) or a whole number >= 0; "
+            f"backbone_seed must be None (ImageNet weights) or a whole number in [0, 2**64); "
             f"got {backbone_seed!r}"
         )
 
@@ -266,9 +266,11 @@ def _check_lpips_images(x: Tensor, net: str) -> None:
         raise ValueError(f"LPIPS takes images with 1 or 3 channels; got {channels}")
     size = _LPIPS_MIN_SIZE[net]
     if height < size or width < size:
+        fits = [n for n, m in _LPIPS_MIN_SIZE.items() if m <= min(height, width)]
+        hint = f" (net {' or '.join(map(repr, fits))} takes them)" if fits else ""
         raise ValueError(
             f"images must be at least {size}x{size} pixels for LPIPS with net={net!r}; "
-            f"got {height}x{width}"
+            f"got {height}x{width}{hint}"
         )
 
 
@@ -312,20 +314,23 @@ def _build_lpips(net: str, backbone_seed: int | None) -> torch.nn.Module:
 
     The linear heads are the package's calibrated ones (shipped inside it). The backbone
     has torchvision's ImageNet weights (downloaded into the torch hub cache on first use),
-    or, with ``backbone_seed``, torchvision's random initialisation drawn from
-    ``torch.manual_seed(backbone_seed)``. Either way it is built inside
-    :func:`torch.random.fork_rng`, so the caller's random stream is left as it was.
+    or, with ``backbone_seed``, torchvision's random initialisation drawn from the CPU
+    generator seeded with it (the stream ``torch.manual_seed(backbone_seed)`` gives). Either
+    way it is built inside :func:`torch.random.fork_rng`, so the caller's random stream is
+    left as it was.
     """
     package = _lpips_package()
 
     def build() -> torch.nn.Module:
         # torchvision initialises every backbone at random (before loading weights, if any):
-        # on a forked CPU stream, so the caller's is left as it was.
+        # on a forked CPU stream, so the caller's is left as it was. Only the CPU generator
+        # is seeded: torch.manual_seed would also reseed (or, before CUDA starts, queue a
+        # reseed of) the caller's CUDA generators, which fork_rng(devices=[]) does not restore.
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             # the package still passes torchvision's deprecated `pretrained=`
             warnings.filterwarnings("ignore", message=".*deprecated", category=UserWarning)
             if backbone_seed is not None:
-                torch.manual_seed(backbone_seed)
+                torch.default_generator.manual_seed(backbone_seed)
             return package.LPIPS(net=net, pnet_rand=backbone_seed is not None, verbose=False)
 
     if backbone_seed is None:

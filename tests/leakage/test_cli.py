@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import urllib.error
 
 import pytest
 from PIL import Image
@@ -14,6 +17,10 @@ from fl_core import load_samples
 from leakage.cli import main
 
 FAST = ["--steps", "15", "--restarts", "1", "--quiet"]
+needs_lpips = pytest.mark.skipif(
+    importlib.util.find_spec("lpips") is None,
+    reason="needs the lpips package: pip install -e '.[dev]'",
+)
 
 
 def run(argv, capsys):
@@ -38,7 +45,8 @@ def test_attack_writes_three_files(tmp_path, capsys):
     assert res["versions"]["torch"] and res["seconds"] > 0
     assert len(res["images"]) == 1 and res["images"][0]["name"] == "astronaut"
     assert {"psnr", "ssim", "true_label", "recovered_label"} <= set(res["images"][0])
-    assert "PSNR" in out
+    assert "lpips" not in res["images"][0] and res["config"]["metrics"] == ["psnr", "ssim"]
+    assert "PSNR" in out and "LPIPS" not in out
 
 
 def _numbers(path):
@@ -296,3 +304,123 @@ def test_bad_input_leaves_no_output_folder(tmp_path, capsys):
     code, _, err = run(["attack", "--attack", "analytic", "--out", str(out), "--quiet"], capsys)
     assert code == 2 and "--model mlp" in err  # found by the attack itself, on its first step
     assert not (tmp_path / "deep").exists()  # the folders it had made are gone again
+
+
+# ----------------------------------------------------------------- --metrics (LPIPS)
+
+
+def _seeded_lpips(monkeypatch, seed=0):
+    """Make LPIPS use the random backbone of ``seed`` (the package's linear heads): the
+    ImageNet weights cannot be downloaded where the tests run. Returns the real function."""
+    import leakage.metrics
+
+    real = leakage.metrics.lpips
+
+    def seeded(x, y, **kw):
+        return real(x, y, **{**kw, "backbone_seed": seed})
+
+    monkeypatch.setattr(leakage.metrics, "lpips", seeded)
+    return real
+
+
+@needs_lpips
+@pytest.mark.parametrize("source", ["option", "yaml"])
+def test_metrics_lpips_writes_lpips_per_image_and_in_the_summary(
+    source, tmp_path, capsys, monkeypatch
+):
+    import torch
+
+    from leakage.metrics import match_images
+
+    real = _seeded_lpips(monkeypatch)
+    out = tmp_path / "r"
+    argv = ["attack", "--attack", "idlg", "--batch-size", "2", "--out", str(out), *FAST]
+    if source == "option":
+        argv += ["--metrics", "psnr,ssim,lpips"]
+        net = "alex"
+    else:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("metrics: [lpips]\nlpips-net: squeeze\n")
+        argv += ["--config", str(cfg)]
+        net = "squeeze"
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["metrics"] == ["psnr", "ssim", "lpips"]
+    assert res["config"]["lpips_net"] == net
+    assert res["versions"]["lpips"] == importlib.metadata.version("lpips")
+    # the same number from the saved reconstruction, matched to the originals by MSE
+    rec = torch.load(out / "reconstruction.pt", weights_only=True)["images"]
+    original = load_samples(count=2).images
+    paired = rec[match_images(rec, original)]
+    expected = real(paired, original, net=net, backbone_seed=0).tolist()
+    assert [image["lpips"] for image in res["images"]] == pytest.approx(expected, rel=1e-9)
+    assert res["summary"]["lpips"] == pytest.approx(sum(expected) / 2, rel=1e-9)
+    assert f"LPIPS {res['summary']['lpips']:.4f}" in stdout
+
+
+@pytest.mark.parametrize(
+    "argv, yaml_text, needle",
+    [
+        (["--metrics", "psnr,fid"], None, "unknown metric 'fid'; valid: psnr, ssim, lpips"),
+        ([], "metrics: [psnr, fid]\n", "unknown metric 'fid'; valid: psnr, ssim, lpips"),
+        ([], "metrics: 3\n", "comma-separated"),
+        (["--lpips-net", "resnet"], None, "unknown lpips_net 'resnet'; valid: alex, vgg, squeeze"),
+        (["--metrics", "lpips", "--shape", "3", "24", "24"], None, "31x31"),
+    ],
+    ids=["option", "yaml", "yaml-not-a-list", "lpips-net", "too-small-for-lpips"],
+)
+def test_bad_metrics_stop_before_the_attack(argv, yaml_text, needle, tmp_path, capsys, monkeypatch):
+    _no_attack(monkeypatch)
+    out = tmp_path / "r"
+    if yaml_text is not None:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+        argv = [*argv, "--config", str(tmp_path / "c.yaml")]
+    code, _, err = run(["attack", *argv, "--out", str(out), *FAST], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0]
+    assert not out.exists()
+
+
+def test_attack_config_checks_metrics_when_made():
+    from leakage.experiment import AttackConfig
+
+    cfg = AttackConfig(metrics="lpips, ssim", lpips_net="vgg")
+    assert cfg.metrics == ("psnr", "ssim", "lpips")
+    assert cfg.to_dict()["metrics"] == ["psnr", "ssim", "lpips"]
+    assert AttackConfig().metrics == ("psnr", "ssim") and AttackConfig().lpips_net == "alex"
+    with pytest.raises(ValueError, match="unknown metric 'fid'"):
+        AttackConfig(metrics=["psnr", "fid"])
+    with pytest.raises(ValueError, match="unknown lpips_net None"):
+        AttackConfig(lpips_net=None)
+
+
+@pytest.mark.parametrize("missing", ["package", "weights"])
+def test_lpips_unavailable_stops_before_the_attack(missing, tmp_path, capsys, monkeypatch):
+    """LPIPS's network is loaded in the pre-attack checks: no attack runs only to fail."""
+    import torch
+
+    import leakage.metrics
+
+    monkeypatch.setattr(leakage.metrics, "_LPIPS_MODELS", {})
+    if missing == "package":
+        monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips -> ImportError
+        needles = ["pip install 'leakage-lab[lpips]'"]
+    else:
+        if importlib.util.find_spec("lpips") is None:
+            pytest.skip("needs the lpips package: pip install -e '.[dev]'")
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nothing cached
+
+        def offline(*_, **__):
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+        monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+        needles = ["URLError", "leave lpips out of the metrics"]
+    _no_attack(monkeypatch)
+    out = tmp_path / "r"
+    code, _, err = run(["attack", "--metrics", "psnr,ssim,lpips", "--out", str(out), *FAST], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert not out.exists()

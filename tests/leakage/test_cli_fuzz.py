@@ -39,6 +39,7 @@ from leakage.cli import main  # noqa: E402
 from leakage.experiment import MAX_SEED, AttackConfig  # noqa: E402
 from leakage.fl_cmd import ENGINES, FLConfig  # noqa: E402
 from leakage.labels import LABEL_STRATEGIES  # noqa: E402
+from leakage.metrics import IMAGE_METRICS, LPIPS_NETS  # noqa: E402
 from leakage.simulate import THREAT_MODELS  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -404,6 +405,8 @@ ATTACK_OPTIONS = {  # option -> strategy of argv lists after the option
     "--normalize": _word_not(("auto", "dataset", "none")).map(lambda w: [w]),
     "--bn-mode": _word_not(("train", "eval")).map(lambda w: [w]),
     "--precision": _word_not(("auto", "float32", "float64")).map(lambda w: [w]),
+    "--metrics": _word_not(IMAGE_METRICS).map(lambda w: [w]),
+    "--lpips-net": _word_not(LPIPS_NETS).map(lambda w: [w]),
     "--seed": _int_option(0, MAX_SEED).map(lambda w: [w]),
     "--device": WORD.filter(lambda w: not _cpu(w)).map(lambda w: [w]),
 }
@@ -422,6 +425,8 @@ def test_attack_options_reject_every_invalid_value(option, data):
 
 
 ATTACK_BAD = {  # YAML key -> invalid values (any YAML type)
+    "metrics": st.one_of(st.integers(), st.booleans(), JUNK, _word_not(IMAGE_METRICS)),
+    "lpips_net": bad_choice(LPIPS_NETS),
     "attack": st.one_of(bad_text(), _word_not(ATTACKS.names())),
     "model": st.one_of(bad_text(), _word_not(MODELS.names())),
     "activation": st.one_of(bad_text(optional=True), _word_not(ACTIVATIONS)),

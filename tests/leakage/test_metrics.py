@@ -21,7 +21,9 @@ from skimage.transform import resize
 from torch import Tensor
 
 from leakage.metrics import (
+    DEFAULT_METRICS,
     ImageScores,
+    check_metrics,
     label_accuracy,
     match_images,
     mse,
@@ -285,3 +287,19 @@ def test_results_stay_on_device():
     cpu = ssim(x.cpu(), y.cpu(), data_range=1.0)
     torch.testing.assert_close(ssim(x, y, data_range=1.0).cpu(), cpu, rtol=0, atol=1e-10)
     assert math.isfinite(scores.psnr.sum().item())
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        (None, ("psnr", "ssim")),
+        ([], ("psnr", "ssim")),
+        ("ssim", ("psnr", "ssim")),
+        ("lpips", ("psnr", "ssim", "lpips")),
+        (" lpips , psnr ", ("psnr", "ssim", "lpips")),
+        (("lpips", "ssim", "lpips"), ("psnr", "ssim", "lpips")),
+    ],
+)
+def test_check_metrics_gives_names_in_order_with_psnr_and_ssim(given, expected):
+    assert check_metrics(given) == expected
+    assert DEFAULT_METRICS == ("psnr", "ssim")
