@@ -33,6 +33,33 @@ finishes; a rerun resumes; ``<out>/summary-<model>-<mode>-<steps>.md`` is rebuil
 
     python benchmarks/vs_breaching.py                             # resnet20, eval, 1,000 its
     python benchmarks/vs_breaching.py --bn-mode train --out benchmarks/results/vs_breaching/train
+
+``--attacker seethrough`` compares GradInversion instead (Yin et al., "See
+Through Gradients", CVPR 2021), on batches of B > 1 test images (``--batch-sizes``,
+``--batches`` seeded draws per size, the draws of ``benchmarks/tuning.py``) and a
+*trained* victim: the ResNet-20 checkpoint ``benchmarks/attack_suite.py`` trains
+(``--checkpoint``; made with its settings if missing), BatchNorm in eval mode,
+so the server's running statistics (the model's buffers) are the ones the
+client used and the ones both attackers' BatchNorm priors match:
+
+* breaching's ``seethroughgradients`` attacker with its configuration
+  (Euclidean matching ×1e-4, Adam 0.1 unsigned, warm-up 50, cosine decay,
+  Langevin noise 0.01, TV 1e-4, ℓ2 1e-6, DeepInversion 0.1 with the first
+  layer ×10, N(0, 1) start in normalised coordinates, one trial), its case's
+  mean and std set to the victim's input normalisation; its random start and
+  noise come from torch's global generator, seeded per run;
+* the lab's ``gradinversion`` attack with its defaults (the inverting-gradients
+  loop with the tuned BatchNorm prior, ``leakage.attacks.gradinversion``).
+
+Both are given the true labels (sorted; the order is free), so the comparison
+measures the image reconstruction; both run the same number of iterations.
+Records go to ``<out>/records.jsonl``, the summary to
+``<out>/summary-seethrough-<steps>.md``. LPIPS is not reported: its AlexNet
+weights cannot be downloaded here (``leakage.metrics.lpips`` computes it
+where they are installed).
+
+    python benchmarks/vs_breaching.py --attacker seethrough \
+        --out benchmarks/results/vs_breaching/seethrough
 """
 
 from __future__ import annotations
@@ -56,6 +83,7 @@ from fl_core import Client, LocalTraining, Server, build_model, load_image_files
 from fl_core.data import NORMALIZATION  # noqa: E402
 from leakage import ATTACKS, score_images  # noqa: E402
 from leakage.attacks.inverting import COMPILE_STEPS  # noqa: E402
+from leakage.experiment import AttackConfig, observe  # noqa: E402
 from leakage.store import append_record, load_records  # noqa: E402
 
 CIFAR10_CLASSES = (
@@ -124,6 +152,192 @@ def run_breaching(breaching, obs, label: int, steps: int, bn_mode: str):
     mean = torch.tensor(cfg.case.data.mean)[None, :, None, None]
     std = torch.tensor(cfg.case.data.std)[None, :, None, None]
     return (rec["data"].detach() * std + mean).clamp(0, 1), seconds
+
+
+def run_breaching_seethrough(breaching, obs, labels: torch.Tensor, steps: int, seed: int):
+    """breaching's ``seethroughgradients`` on ``obs`` (eval mode, the server's buffers sent);
+    returns (pixels (B, C, H, W), seconds)."""
+    cfg = breaching.get_config(
+        overrides=["case=1_single_image_small", "attack=seethroughgradients"]
+    )
+    cfg.attack.optim.max_iterations = steps
+    cfg.attack.optim.callback = steps  # its progress log, once
+    mean, std = obs.model_spec.normalize
+    cfg.case.data.mean, cfg.case.data.std = list(mean), list(std)
+    setup = dict(device=torch.device("cpu"), dtype=torch.float)
+    spec = dataclasses.replace(obs.model_spec, normalize=None)  # breaching normalises itself
+    net = spec.build()
+    with torch.no_grad():
+        for p, v in zip(net.parameters(), obs.parameters):
+            p.copy_(v)
+        named = dict(net.named_buffers())
+        for name, v in obs.buffers:
+            named[name].copy_(v)
+    net.eval()
+    attacker = breaching.attacks.prepare_attack(net, torch.nn.CrossEntropyLoss(), cfg.attack, setup)
+    buffers = [v.clone() for _, v in obs.buffers]  # running statistics: eval mode
+    payload = [dict(parameters=list(obs.parameters), buffers=buffers, metadata=cfg.case.data)]
+    shared = [
+        dict(
+            gradients=[t.clone() for t in obs.update.tensors],
+            buffers=None,
+            metadata=dict(
+                num_data_points=len(labels), labels=labels.clone(), local_hyperparams=None
+            ),
+        )
+    ]
+    torch.manual_seed(seed)  # breaching draws its start and its Langevin noise globally
+    start = time.perf_counter()
+    rec, _ = attacker.reconstruct(payload, shared, {}, dryrun=False)
+    seconds = time.perf_counter() - start
+    m = torch.tensor(cfg.case.data.mean)[None, :, None, None]
+    sd = torch.tensor(cfg.case.data.std)[None, :, None, None]
+    return (rec["data"].detach() * sd + m).clamp(0, 1), seconds
+
+
+def run_lab_gradinversion(obs, labels: torch.Tensor, steps: int, seed: int):
+    """The lab's ``gradinversion`` attack with its defaults, the labels given."""
+    from leakage.attacks.gradinversion import GradInversion
+    from leakage.attacks.inverting import invert_gradients
+
+    attack = GradInversion(steps=steps)
+    options = {
+        f.name: getattr(attack, f.name)
+        for f in dataclasses.fields(attack)
+        if f.name != "label_strategy"
+    }
+    warm = time.perf_counter()
+    # one iteration, compiled as the real run will be: the compilation is timed here
+    invert_gradients(
+        obs, labels=labels, **{**options, "steps": 1, "compile": steps >= COMPILE_STEPS}
+    )
+    compile_seconds = time.perf_counter() - warm
+    start = time.perf_counter()
+    rec = invert_gradients(
+        obs, labels=labels, generator=torch.Generator().manual_seed(seed), **options
+    )
+    seconds = time.perf_counter() - start
+    return rec, seconds, compile_seconds, rec.options
+
+
+def seethrough(args, breaching) -> int:
+    """``--attacker seethrough``: GradInversion, breaching's beside the lab's, batches B > 1."""
+    import copy
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tuning import images as draw_images
+    from tuning_gradinversion import CHECKPOINT, trained_resnet20
+
+    model, meta = trained_resnet20(args.checkpoint or CHECKPOINT, args.data_root)
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / "records.jsonl"
+    setting = {"attacker": "seethrough", "model": "resnet20-trained", "bn_mode": "eval"}
+    setting.update(steps=args.steps, seed=args.seed)
+    done = {
+        (r["batch"], r["index"], r["peer"]) for r in load_records(store) if r["setting"] == setting
+    }
+    for size in args.batch_sizes:
+        data = draw_images(args.data_root, "cifar10", False, size * args.batches, args.seed + size)
+        for i in range(args.batches):
+            batch = data.subset(list(range(i * size, (i + 1) * size)))
+            obs, gt = observe(
+                AttackConfig(bn_mode="eval", batch_size=size), copy.deepcopy(model), batch
+            )
+            labels = gt.labels.sort().values
+            for peer in ("breaching", "lab"):
+                if (size, i, peer) in done:
+                    continue
+                extra = {}
+                if peer == "breaching":
+                    quiet = io.StringIO()
+                    stdout, sys.stdout = sys.stdout, quiet  # breaching prints its case and config
+                    try:
+                        images_rec, seconds = run_breaching_seethrough(
+                            breaching, obs, labels, args.steps, args.seed + i
+                        )
+                    finally:
+                        sys.stdout = stdout
+                else:
+                    rec, seconds, compile_seconds, options = run_lab_gradinversion(
+                        obs, labels, args.steps, args.seed + i
+                    )
+                    images_rec = rec.images
+                    extra = {"compile_seconds": compile_seconds, "options": options}
+                s = score_images(images_rec, gt.images, data_range=1.0)
+                record = {
+                    "setting": setting,
+                    "batch": size,
+                    "index": i,
+                    "images": list(batch.names),
+                    "peer": peer,
+                    "psnr": float(s.psnr.clamp(max=100).mean()),
+                    "ssim": float(s.ssim.mean()),
+                    "psnr_per_image": s.psnr.clamp(max=100).tolist(),
+                    "seconds": seconds,
+                    "s_per_it": seconds / args.steps,
+                    "threads": torch.get_num_threads(),
+                    **extra,
+                }
+                append_record(store, record)
+                print(
+                    f"B={size} batch {i} {peer}: {record['psnr']:.2f} dB, SSIM "
+                    f"{record['ssim']:.3f}, {record['s_per_it'] * 1000:.1f} ms/iteration",
+                    flush=True,
+                )
+    records = [r for r in load_records(store) if r["setting"] == setting]
+    text = seethrough_summary(records, args, meta)
+    name = f"summary-seethrough-{args.steps}.md"
+    tmp = args.out / (name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(args.out / name)
+    print(text)
+    return 0
+
+
+def seethrough_summary(records: list[dict], args, meta: dict) -> str:
+    lines = [
+        "# GradInversion (See Through Gradients): the lab beside breaching (trained ResNet-20, "
+        f"eval-mode BatchNorm, {args.steps} iterations, CIFAR-10 test images)",
+        "",
+        "Threat model: honest-but-curious server, one client's FedSGD gradient of a batch of B "
+        "images; the victim is the ResNet-20 `benchmarks/attack_suite.py` trains (test accuracy "
+        f"{meta['accuracy']:.3f}), its running statistics sent as buffers. Same weights, "
+        "gradient, images and iteration budget for both; both are given the true labels. "
+        "breaching: `seethroughgradients` with its configuration; the lab: `gradinversion` with "
+        "its defaults. Scores after matching reconstructions to originals (PSNR, SSIM of "
+        "`leakage.score_images`); LPIPS not computed (AlexNet weights not downloadable here). "
+        f"Command: `python benchmarks/vs_breaching.py --attacker seethrough --steps {args.steps} "
+        f"--batch-sizes {' '.join(map(str, args.batch_sizes))} --batches {args.batches} --out "
+        f"{args.out}` ({records[0]['threads']} torch threads, CPU shared with other jobs).",
+        "",
+        "| B | batch | peer | PSNR dB | SSIM | s / iteration |",
+        "|--:|--:|---|--:|--:|--:|",
+    ]
+    for r in sorted(records, key=lambda r: (r["batch"], r["index"], r["peer"])):
+        lines.append(
+            f"| {r['batch']} | {r['index']} | {r['peer']} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
+            f"{r['s_per_it']:.4f} |"
+        )
+    lines += ["", "| B | peer | batches | mean PSNR dB | mean SSIM | s / iteration |"]
+    lines += ["|--:|---|--:|--:|--:|--:|"]
+    for size in sorted({r["batch"] for r in records}):
+        for peer in ("breaching", "lab"):
+            rs = [r for r in records if r["batch"] == size and r["peer"] == peer]
+            if rs:
+                lines.append(
+                    f"| {size} | {peer} | {len(rs)} | {statistics.fmean(r['psnr'] for r in rs):.2f}"
+                    f" | {statistics.fmean(r['ssim'] for r in rs):.3f} | "
+                    f"{statistics.fmean(r['s_per_it'] for r in rs):.4f} |"
+                )
+    lab = [r for r in records if r["peer"] == "lab"]
+    if lab:
+        lines += [
+            "",
+            f"The lab's compilation (`torch.compile`, timed apart): "
+            f"{max(r['compile_seconds'] for r in lab):.1f} s at most. Lab options: "
+            f"`{json.dumps(lab[0]['options'])}`.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def run_lab(obs, steps: int, seed: int):
@@ -212,6 +426,17 @@ def main(argv=None) -> int:
     p.add_argument("--breaching-path", default=None, help="a breaching checkout to import")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/vs_breaching"))
+    p.add_argument(
+        "--attacker",
+        default="ig",
+        choices=("ig", "seethrough"),
+        help="ig: inverting gradients, batch 1; seethrough: GradInversion, batches",
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8], help="seethrough only")
+    p.add_argument("--batches", type=int, default=2, help="seethrough: batches per size")
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="seethrough: the trained ResNet-20"
+    )
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be positive")
@@ -230,6 +455,10 @@ def main(argv=None) -> int:
     logging.getLogger("breaching").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.attacker == "seethrough":
+        if min(args.batch_sizes) < 1 or args.batches < 1:
+            p.error("--batch-sizes and --batches must be positive")
+        return seethrough(args, breaching)
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "records.jsonl"
     setting = {"model": args.model, "bn_mode": args.bn_mode, "steps": args.steps, "seed": args.seed}

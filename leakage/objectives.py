@@ -15,6 +15,7 @@ from torch import nn
 
 __all__ = [
     "cosine_distance",
+    "euclidean_distance",
     "flat_gradient",
     "last_linear",
     "observed_gradient",
@@ -47,6 +48,23 @@ def flat_gradient(
 def squared_distance(dummy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """DLG's objective (Zhu et al. 2019, eq. 4): ‖∇θ' − ∇θ‖² summed over all entries."""
     return (dummy - target).square().sum()
+
+
+def euclidean_distance(dummy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """½ ‖∇θ' − ∇θ‖² per restart: GradInversion's gradient-matching loss.
+
+    Yin et al. (CVPR 2021, eq. 3) match gradients with the squared Euclidean
+    distance (DLG's, Zhu et al. 2019); the ½ is breaching's convention, so that
+    its ``scale`` (1e-4 for ``seethroughgradients``) carries over.
+
+    Args:
+        dummy: (R, d) one flat update per restart.
+        target: (d,) the observed update.
+
+    Returns:
+        (R,).
+    """
+    return 0.5 * (dummy - target).square().sum(-1)
 
 
 def cosine_distance(dummy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

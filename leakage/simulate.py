@@ -27,6 +27,13 @@ is only an approximation when clients reshuffle between epochs.
 Restarts are batched with :func:`torch.func.vmap`: R restarts cost one
 forward and one double backward over R copies of the dummy data, and each
 restart's simulated update depends on its own dummy data only.
+
+For priors on the victim's features (DeepInversion's BatchNorm-statistics
+matching, used by GradInversion, Yin et al. CVPR 2021) the simulator can also
+return, per restart, the distance of the BatchNorm inputs' batch statistics
+from the server's running statistics, taken from the very forward passes the
+simulation makes (:meth:`UpdateSimulator.track_batch_norm`), so the prior costs
+no extra forward pass.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from fl_core.types import Observation
+
+from .priors import batch_moments, bn_statistics_distance
 
 __all__ = ["THREAT_MODELS", "UpdateSimulator", "threat_model"]
 
@@ -104,11 +113,94 @@ class UpdateSimulator:
             raise ValueError("a FedAvg observation must reveal its local lr and steps")
         self._grad = grad(self._loss)
         self._plans = {n: self._local_batches(n) for n in counts}  # per client size, once
+        self._server_buffers = dict(obs.buffers)
+        self._bn_running: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._bn_weights: list[float] = []
+        self._moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._bn_terms: list[torch.Tensor] | None = None
+
+    def track_batch_norm(self, *, first_weight: float = 1.0) -> None:
+        """Make ``bn=True`` calls return the BatchNorm-statistics prior too.
+
+        Registers a forward hook on every BatchNorm layer of the victim that
+        records the batch mean and variance of the layer's input (per restart
+        under vmap) while a ``bn=True`` call runs; every forward pass of the
+        simulation (one per local step and client) then contributes
+        :func:`~leakage.priors.bn_statistics_distance` to the running
+        statistics the server sent (the observation's buffers), and the prior
+        is the mean over those passes. Calls with ``bn=False`` record nothing.
+
+        Args:
+            first_weight: factor of the first BatchNorm layer (DeepInversion's
+                code and breaching: 10).
+
+        Raises:
+            ValueError: the victim has no BatchNorm layer, or the observation
+                carries no running statistics for one.
+        """
+        layers = [
+            (name, m)
+            for name, m in self.model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        if not layers:
+            raise ValueError(
+                f"the BatchNorm prior needs a victim with BatchNorm layers; "
+                f"{type(self.model).__name__} has none (set bn_prior=0)"
+            )
+        running = []
+        for name, _ in layers:
+            mean = self._server_buffers.get(f"{name}.running_mean")
+            var = self._server_buffers.get(f"{name}.running_var")
+            if mean is None or var is None:
+                raise ValueError(
+                    f"the BatchNorm prior needs the server's running statistics; the "
+                    f"observation has none for layer {name!r} (set bn_prior=0)"
+                )
+            device, dtype = self.target.device, self.target.dtype
+            running.append((mean.detach().to(device, dtype), var.detach().to(device, dtype)))
+        if self._bn_running is None:
+            for _, m in layers:
+                m.register_forward_hook(self._record_moments)
+        self._bn_running = running
+        self._bn_weights = [first_weight] + [1.0] * (len(layers) - 1)
+        self._grad_bn = grad(self._loss_bn, has_aux=True)
+
+    @property
+    def tracks_batch_norm(self) -> bool:
+        """Whether :meth:`track_batch_norm` was called."""
+        return self._bn_running is not None
+
+    def _record_moments(self, module, inputs, output) -> None:
+        if self._moments is not None:
+            self._moments.append(batch_moments(inputs[0]))
+
+    def _forward(self, params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, and the BatchNorm prior of this pass while a ``bn=True`` call runs."""
+        if self._bn_terms is None:
+            if params is self.params:
+                return self.model(x), None
+            return functional_call(self.model, (params, self.buffers), (x,)), None
+        self._moments = []
+        try:
+            if params is self.params:
+                logits = self.model(x)
+            else:
+                logits = functional_call(self.model, (params, self.buffers), (x,))
+            moments = self._moments
+        finally:
+            self._moments = None
+        return logits, bn_statistics_distance(moments, self._bn_running, weights=self._bn_weights)
 
     def _loss(self, params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean soft cross-entropy of the model at ``params`` on (n, C, H, W), (n, K)."""
         logits = functional_call(self.model, (params, self.buffers), (x,))
         return -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+    def _loss_bn(self, params, x: torch.Tensor, y: torch.Tensor):
+        """:meth:`_loss` and, as auxiliary output, the pass's BatchNorm prior."""
+        logits, bn = self._forward(params, x)
+        return -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean(), bn
 
     def _flat(self, tensors) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in tensors])
@@ -121,11 +213,14 @@ class UpdateSimulator:
         module at the global parameters).
         """
         if batched:
-            return self._grad(params, x, y)
-        if params is self.params:
-            logits = self.model(x)
-        else:
-            logits = functional_call(self.model, (params, self.buffers), (x,))
+            if self._bn_terms is None:
+                return self._grad(params, x, y)
+            grads, bn = self._grad_bn(params, x, y)
+            self._bn_terms.append(bn)
+            return grads
+        logits, bn = self._forward(params, x)
+        if bn is not None:
+            self._bn_terms.append(bn)
         loss = -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean()
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         return dict(zip(params, grads))
@@ -170,33 +265,50 @@ class UpdateSimulator:
         return self._flat(params[k] - start[k] for k in params)
 
     def simulate_one(
-        self, x: torch.Tensor, y: torch.Tensor, *, batched: bool = False
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, y: torch.Tensor, *, batched: bool = False, bn: bool = False
+    ):
         """The update (d,) that dummy images (N, C, H, W) with soft labels (N, K) produce.
 
         ``batched``: called under :func:`torch.func.vmap` (by :meth:`__call__`).
+        ``bn``: return ``(update (d,), BatchNorm prior ())`` (see
+        :meth:`track_batch_norm`).
         """
-        parts = [
-            w * self._client(x[s : s + n], y[s : s + n], batched)
-            for w, (s, n) in zip(self.weights, self.groups)
-        ]
-        return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        if not bn:
+            parts = [
+                w * self._client(x[s : s + n], y[s : s + n], batched)
+                for w, (s, n) in zip(self.weights, self.groups)
+            ]
+            return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        if not self.tracks_batch_norm:
+            raise ValueError("bn=True needs track_batch_norm() first")
+        self._bn_terms = []
+        try:
+            update = self.simulate_one(x, y, batched=batched)
+            terms = self._bn_terms
+        finally:
+            self._bn_terms = None
+        return update, (terms[0] if len(terms) == 1 else torch.stack(terms).mean(0))
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Updates (R, d) of R restarts: images (R, N, C, H, W), soft labels (R, N, K)."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, bn: bool = False):
+        """Updates (R, d) of R restarts: images (R, N, C, H, W), soft labels (R, N, K).
+
+        With ``bn=True``: ``(updates (R, d), BatchNorm prior (R,))``.
+        """
         self._check(x)
         if len(x) == 1:
-            return self.simulate_one(x[0], y[0])[None]
-        return self.functional(x, y)
+            out = self.simulate_one(x[0], y[0], bn=bn)
+            return (out[0][None], out[1][None]) if bn else out[None]
+        return self.functional(x, y, bn=bn)
 
-    def functional(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def functional(self, x: torch.Tensor, y: torch.Tensor, *, bn: bool = False):
         """:meth:`__call__` written with :mod:`torch.func` only (``vmap`` over the
         restarts, ``grad`` for the victim's gradient), so that it composes with
         ``torch.func.grad`` and ``torch.compile``; the same values."""
         self._check(x)
         if len(x) == 1:  # no vmap: its per-restart weight gradients are grouped convolutions
-            return self.simulate_one(x[0], y[0], batched=True)[None]
-        return vmap(lambda xr, yr: self.simulate_one(xr, yr, batched=True))(x, y)
+            out = self.simulate_one(x[0], y[0], batched=True, bn=bn)
+            return (out[0][None], out[1][None]) if bn else out[None]
+        return vmap(lambda xr, yr: self.simulate_one(xr, yr, batched=True, bn=bn))(x, y)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[1] != self.num_samples:

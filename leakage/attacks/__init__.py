@@ -3,6 +3,7 @@
 from .analytic import Analytic
 from .base import ATTACKS, Attack, Reconstruction, build_attack
 from .dlg import DLG, match_gradients
+from .gradinversion import GradInversion
 from .idlg import IDLG
 from .inverting import InvertingGradients, invert_gradients
 from .rgap import RGAP, LayerRank, rank_analysis
@@ -13,6 +14,7 @@ __all__ = [
     "Analytic",
     "Attack",
     "DLG",
+    "GradInversion",
     "IDLG",
     "InvertingGradients",
     "LayerRank",

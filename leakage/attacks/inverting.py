@@ -47,6 +47,14 @@ Where the lab departs from the paper's code, and why:
   iteration, which matters on a GPU) and checks for non-finite restarts every
   :data:`CHECK_EVERY` iterations; a non-finite restart is frozen and keeps its
   best finite iterate.
+
+Optional terms (all off by default; off, they cost nothing): GradInversion's
+priors (Yin et al., CVPR 2021; :mod:`leakage.priors`) — BatchNorm-statistics
+matching (``bn_prior``), group consistency over restarts (``group``), an image
+ℓ2 norm (``l2``) — and its optimiser: the Euclidean matching loss
+(``matching="euclidean"``, ``matching_scale``), Langevin noise on the gradient
+(``langevin``), unsigned Adam (``signed=False``) and a linear warm-up
+(``warmup``). :mod:`leakage.attacks.gradinversion` runs them as one attack.
 """
 
 from __future__ import annotations
@@ -60,7 +68,8 @@ from tqdm.auto import trange
 
 from fl_core.types import Observation
 
-from ..objectives import cosine_distance, total_variation
+from ..objectives import cosine_distance, euclidean_distance, total_variation
+from ..priors import group_consistency, l2_prior
 from .base import ATTACKS, Reconstruction
 from .matching import OptimisationAttack, Setup, random_starts, resolve_init, setup
 
@@ -68,6 +77,7 @@ __all__ = [
     "CHECK_EVERY",
     "COORDINATES",
     "FALLBACK",
+    "MATCHING",
     "SCHEDULES",
     "TUNED",
     "InvertingGradients",
@@ -76,6 +86,8 @@ __all__ = [
 ]
 
 COORDINATES = ("normalized", "pixel")
+MATCHING = {"cosine": cosine_distance, "euclidean": euclidean_distance}
+"""Gradient-matching losses: (R, d) dummy updates, (d,) target -> (R,)."""
 SCHEDULES = ("step", "cosine", "constant")
 CHECK_EVERY = 100
 """Iterations between the loop's checks for restarts that all went non-finite."""
@@ -207,6 +219,14 @@ def invert_gradients(
     batched: bool = True,
     compile: bool | None = None,
     channels_last: bool = True,
+    matching: str = "cosine",
+    matching_scale: float = 1.0,
+    bn_prior: float = 0.0,
+    bn_first: float = 10.0,
+    group: float = 0.0,
+    l2: float = 0.0,
+    langevin: float = 0.0,
+    warmup: int = 0,
     generator: torch.Generator | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
@@ -252,15 +272,56 @@ def invert_gradients(
             Falls back to eager with a warning where compilation fails.
         channels_last: keep the dummy images and 4-D weights in channels-last
             memory on the CPU (faster convolutions; same values).
-        generator: source of the random starts (default: seed 0).
+        matching: the gradient distance, ``"cosine"`` (the paper's) or
+            ``"euclidean"`` (½‖Δ(x') − Δ‖², GradInversion's and DLG's).
+        matching_scale: factor on the matching loss (GradInversion's recipe in
+            breaching: 1e-4 on the Euclidean distance).
+        bn_prior: weight of DeepInversion's BatchNorm-statistics prior
+            (:func:`~leakage.priors.bn_statistics_distance`, summed over the
+            victim's BatchNorm layers against the running statistics in the
+            observation's buffers); needs a victim with BatchNorm.
+        bn_first: factor of the first BatchNorm layer in that prior
+            (DeepInversion's code and breaching: 10).
+        group: weight of GradInversion's group consistency
+            (:func:`~leakage.priors.group_consistency`, the restarts' distance
+            from their mean, in the optimised coordinates); needs ``restarts``
+            >= 2, batched.
+        l2: weight of the image-norm prior (:func:`~leakage.priors.l2_prior`,
+            in the optimised coordinates).
+        langevin: Langevin noise: ``langevin · lr_t · N(0, 1)`` added to the
+            images' gradient before each step (before the sign when
+            ``signed``), drawn from ``generator`` (GradInversion; breaching's
+            ``seethroughgradients``: 0.01).
+        warmup: iterations of linear warm-up of the step size from 0 before
+            ``schedule`` starts (breaching's ``seethroughgradients``: 50).
+        generator: source of the random starts and the Langevin noise
+            (default: seed 0).
         device: where to run (default: CPU).
 
     Returns:
         The restart with the lowest matching loss; ``history`` holds its
-        objective (cosine + TV) at every iteration.
+        objective (matching + priors) at every iteration.
+
+    Raises:
+        ValueError: for an unknown option value, ``bn_prior`` on a victim
+            without BatchNorm or without running statistics, ``group`` with
+            one restart or unbatched restarts.
     """
     if steps < 1 or restarts < 1:
         raise ValueError("steps and restarts must be positive")
+    if matching not in MATCHING:
+        raise ValueError(f"matching must be one of {', '.join(MATCHING)}; got {matching!r}")
+    if not matching_scale > 0:
+        raise ValueError(f"matching_scale must be positive; got {matching_scale}")
+    for name, value in (("bn_prior", bn_prior), ("group", group), ("l2", l2)):
+        if not value >= 0:
+            raise ValueError(f"{name} must be non-negative; got {value}")
+    if not langevin >= 0 or warmup < 0:
+        raise ValueError("langevin and warmup must be non-negative")
+    if group and (restarts < 2 or not batched):
+        raise ValueError(
+            "group consistency compares restarts: use restarts >= 2 and batched=True (or group=0)"
+        )
     family, tuned = tuned_options(obs.model_spec, obs.protocol.train_mode)
     given = dict(
         lr=lr, tv=tv, init=init, coordinates=coordinates, schedule=schedule, keep_best=keep_best
@@ -279,6 +340,8 @@ def invert_gradients(
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     st = setup(obs, dtype=dtype, device=device, lbfgs=False)
+    if bn_prior:
+        st.sim.track_batch_norm(first_weight=bn_first)  # ValueError without BatchNorm
     x0, y0 = random_starts(
         obs, restarts, init=init, learn_labels=labels is None, generator=generator
     )
@@ -291,11 +354,43 @@ def invert_gradients(
         fixed = torch.nn.functional.one_hot(labels.to(st.device), k).to(st.dtype)
     groups = [list(range(restarts))] if batched else [[r] for r in range(restarts)]
     results: list[_Result] = []
-    options = dict(steps=steps, lr=lr, tv=tv, schedule=schedule, keep_best=keep_best)
+    priors = [
+        (fn, w)
+        for fn, w in ((total_variation, tv), (l2_prior, l2), (group_consistency, group))
+        if w
+    ]
+    terms = _Terms(MATCHING[matching], matching_scale, priors, bn_prior)
+    noise = None
+    if langevin:  # its own stream, seeded from the generator after the starts were drawn
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        noise = torch.Generator(device=st.device).manual_seed(seed)
+    options = dict(steps=steps, lr=lr, terms=terms, schedule=schedule, keep_best=keep_best)
+    options.update(langevin=langevin, noise=noise, warmup=warmup)
     if compile is None:
         compile = steps >= COMPILE_STEPS
     options["compile"] = compile
     options["channels_last"] = channels_last and st.device.type == "cpu"
+    extra = dict(
+        matching=matching,
+        matching_scale=matching_scale,
+        bn_prior=bn_prior,
+        bn_first=bn_first,
+        group=group,
+        l2=l2,
+        langevin=langevin,
+        warmup=warmup,
+    )
+    defaults = dict(
+        matching="cosine",
+        matching_scale=1.0,
+        bn_prior=0.0,
+        bn_first=10.0,
+        group=0.0,
+        l2=0.0,
+        langevin=0.0,
+        warmup=0,
+    )
+    extra = {k: v for k, v in extra.items() if v != defaults[k]}  # IG's options as they were
     if options["channels_last"]:
         st.sim.to_channels_last()
     with trange(
@@ -330,6 +425,7 @@ def invert_gradients(
             "tuned_for": family,
             "compile": compile,
             "channels_last": options["channels_last"],
+            **extra,
         },
     )
 
@@ -357,6 +453,35 @@ class _Space:
         torch.minimum(z, self.high, out=z)
 
 
+@dataclass(frozen=True)
+class _Terms:
+    """The objective of one restart: ``scale · matching(Δ(x'), Δ) + Σ w · prior(z) + bn · R_BN``.
+
+    Attributes:
+        matching: (R, d), (d,) -> (R,), a :data:`MATCHING` loss.
+        scale: its factor.
+        priors: (prior, weight) pairs; each prior maps the optimised images
+            (R, N, C, H, W) to (R,); only non-zero weights are listed, so
+            that an unused term costs nothing.
+        bn: weight of the BatchNorm prior (0: the simulator is not asked for it).
+    """
+
+    matching: object
+    scale: float
+    priors: list
+    bn: float
+
+    def __call__(self, z, dummy, bn, target) -> torch.Tensor:
+        value = self.matching(dummy, target)  # (R,)
+        if self.scale != 1.0:
+            value = self.scale * value
+        for prior, weight in self.priors:
+            value = value + weight * prior(z)  # (R,)
+        if bn is not None:
+            value = value + self.bn * bn  # (R,)
+        return value
+
+
 @dataclass
 class _Result:
     images: torch.Tensor
@@ -366,7 +491,17 @@ class _Result:
     stopped: str
 
 
-def _scheduler(opt: torch.optim.Optimizer, schedule: str, steps: int):
+def _scheduler(opt: torch.optim.Optimizer, schedule: str, steps: int, warmup: int = 0):
+    if warmup:  # linear from 0 over `warmup` iterations, then the schedule from its start
+        milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+        after = {
+            "step": lambda t: 0.1 ** sum(t >= m for m in milestones),
+            "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)),
+            "constant": lambda t: 1.0,
+        }[schedule]
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: t / warmup if t < warmup else after(t - warmup)
+        )
     if schedule == "step":
         milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
@@ -382,21 +517,22 @@ def _adam(variables: list[torch.Tensor], lr: float, device: torch.device):
     return torch.optim.Adam(variables, lr=lr, foreach=True)
 
 
-def _objective(st: Setup, space: _Space, fixed, tv: float, r: int, compiled: bool):
+def _objective(st: Setup, space: _Space, fixed, terms: _Terms, r: int, compiled: bool):
     """``step(z, y_logits) -> (objective (R,), gradients)``: the loss of R restarts and
     its gradient for the dummy variables (images, and label logits when learned)."""
     sim = st.sim
+    bn = terms.bn > 0
 
     def targets(y: torch.Tensor | None) -> torch.Tensor:
         return fixed.expand(r, *fixed.shape) if y is None else y.softmax(-1)
 
-    def objective(z, y_logits, dummy):
-        matching = cosine_distance(dummy, sim.target)  # (R,)
-        return matching + tv * total_variation(z) if tv else matching  # (R,)
+    def objective(z, y_logits, out):
+        dummy, prior = out if bn else (out, None)  # (R, d), (R,) or None
+        return terms(z, dummy, prior, sim.target)  # (R,)
 
     def eager(z: torch.Tensor, y_logits: torch.Tensor | None):
         variables = [z] if y_logits is None else [z, y_logits]
-        obj = objective(z, y_logits, sim(space.to_pixels(z), targets(y_logits)))  # (R,)
+        obj = objective(z, y_logits, sim(space.to_pixels(z), targets(y_logits), bn=bn))  # (R,)
         masked = torch.where(torch.isfinite(obj.detach()), obj, 0.0).sum()
         # gradients for the dummy data only (not for the victim's parameters)
         return obj.detach(), torch.autograd.grad(masked, variables)
@@ -406,7 +542,7 @@ def _objective(st: Setup, space: _Space, fixed, tv: float, r: int, compiled: boo
 
     def functional(z: torch.Tensor, y_logits: torch.Tensor | None):
         def f(zz, yy):
-            obj = objective(zz, yy, sim.functional(space.to_pixels(zz), targets(yy)))
+            obj = objective(zz, yy, sim.functional(space.to_pixels(zz), targets(yy), bn=bn))
             return torch.where(torch.isfinite(obj), obj, 0.0).sum(), obj
 
         argnums = 0 if y_logits is None else (0, 1)
@@ -449,13 +585,16 @@ def _solve(
     *,
     steps,
     lr,
-    tv,
+    terms,
     schedule,
     keep_best,
     signed,
     compile,
     channels_last,
     bar,
+    langevin=0.0,
+    noise=None,
+    warmup=0,
 ) -> list[_Result]:
     """Run R restarts (z0: (R, N, C, H, W) in the optimised coordinates) for ``steps``."""
     sim = st.sim
@@ -471,7 +610,7 @@ def _solve(
         y_logits = y0.to(st.device, st.dtype).requires_grad_(True)
         variables.append(y_logits)
     opt = _adam(variables, lr, st.device)
-    sched = _scheduler(opt, schedule, steps)
+    sched = _scheduler(opt, schedule, steps, warmup)
 
     def targets(y: torch.Tensor | None) -> torch.Tensor:
         if y is None:
@@ -483,7 +622,7 @@ def _solve(
     best = torch.full((r,), math.inf, dtype=st.dtype, device=st.device)
     best_z = z.detach().clone()
     best_y = None if y_logits is None else y_logits.detach().clone()
-    step = _objective(st, space, fixed, tv, r, compile)
+    step = _objective(st, space, fixed, terms, r, compile)
     with torch.enable_grad():
         _warn_if_vanished(sim(space.to_pixels(z.detach()), targets(y_logits)).detach())
     keep_shape = (-1, *([1] * (z.dim() - 1)))
@@ -492,6 +631,11 @@ def _solve(
         value, grads = step(z, y_logits)  # (R,), one gradient per variable
         alive &= torch.isfinite(value)
         with torch.no_grad():
+            if langevin:  # GradInversion's Langevin noise, scaled by the current step size
+                scale = langevin * opt.param_groups[0]["lr"]
+                g0 = grads[0]
+                draw = torch.randn(g0.shape, generator=noise, device=g0.device, dtype=g0.dtype)
+                grads = (g0 + scale * draw, *grads[1:])
             for v, g in zip(variables, grads):
                 g = g.sign_() if signed else g
                 shape = (-1, *([1] * (g.dim() - 1)))
@@ -516,14 +660,19 @@ def _solve(
     def evaluate(zz: torch.Tensor, yy: torch.Tensor | None) -> torch.Tensor:
         """Matching loss (R,) at given points (the simulator needs autograd on)."""
         with torch.enable_grad():
-            return cosine_distance(sim(space.to_pixels(zz), targets(yy)), sim.target).detach()
+            return terms.matching(sim(space.to_pixels(zz), targets(yy)), sim.target).detach()
+
+    def full(zz: torch.Tensor, yy: torch.Tensor | None) -> torch.Tensor:
+        """The whole objective (R,) at given points."""
+        with torch.enable_grad():
+            out = sim(space.to_pixels(zz), targets(yy), bn=terms.bn > 0)
+            dummy, prior = out if terms.bn > 0 else (out, None)
+            return terms(zz, dummy, prior, sim.target).detach()
 
     final_z = best_z if keep_best else z.detach()
     final_y = best_y if keep_best else (None if y_logits is None else y_logits.detach())
     if keep_best:  # the last step's result was never evaluated: compare it too
-        last = evaluate(z.detach(), None if y_logits is None else y_logits.detach())
-        if tv:
-            last = last + tv * total_variation(z.detach())
+        last = full(z.detach(), None if y_logits is None else y_logits.detach())
         better = alive & torch.isfinite(last) & (last < best)
         final_z = torch.where(better.view(-1, *([1] * (z.dim() - 1))), z.detach(), final_z)
         if final_y is not None:

@@ -1,0 +1,118 @@
+"""GradInversion (Yin, Mallya, Vahdat, Alvarez, Kautz, Molchanov, "See Through
+Gradients: Image Batch Recovery via GradInversion", CVPR 2021) on the lab's
+inverting-gradients loop.
+
+The dummy batch minimises
+
+    s · D(Δ(x'), Δ)  +  α_TV · TV(z')  +  α_ℓ2 · ½ mean(z'²)
+                     +  α_BN · Σ_l (‖μ_l(x') − μ̂_l‖₂ + ‖σ²_l(x') − σ̂²_l‖₂)
+                     +  α_group · mean (z'_r − z̄')²
+
+with D the cosine (inverting gradients) or the Euclidean distance
+(GradInversion's), μ̂_l, σ̂²_l the running statistics of BatchNorm layer l in
+the server's model, and z̄' the mean over the restarts (the paper registers
+the restarts before averaging; here the plain mean: see
+:func:`leakage.priors.group_consistency`). Labels come from GradInversion's
+per-class minimum of the last layer's weight gradient (``label_strategy
+"yin"``) by default.
+
+Everything but the defaults is :func:`~leakage.attacks.inverting.invert_gradients`:
+the same batched restarts, box constraint, keep-best and ``torch.compile``
+(which also compiles the BatchNorm hooks). The defaults are the
+inverting-gradients loop's tuned settings for the victim plus the BatchNorm
+prior of :data:`TUNED_PRIORS` (provisional: its development sweep on CIFAR-10
+*training* images, ``benchmarks/tuning_gradinversion.py``, is unfinished).
+:data:`RECIPE` is GradInversion's own recipe as breaching's ``seethroughgradients`` sets it
+(Euclidean matching scaled 1e-4, unsigned Adam 0.1 with warm-up, cosine decay
+and Langevin noise, TV 1e-4, ℓ2 1e-6, BatchNorm 0.1, normalised coordinates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import ATTACKS
+from .inverting import invert_gradients
+from .matching import OptimisationAttack
+
+__all__ = ["RECIPE", "TUNED_PRIORS", "GradInversion"]
+
+TUNED_PRIORS = dict(bn_prior=1e-3, l2=0.0, group=0.0)
+"""Prior weights of the attack. Provisional: ``bn_prior`` was picked on a small
+BatchNorm test victim; the development sweep that is to choose it
+(``benchmarks/tuning_gradinversion.py``: trained ResNet-20, eval-mode
+BatchNorm, batch 4, CIFAR-10 training images) has not finished, and at 500
+iterations no setting it tried yet reconstructs (all about 9-10 dB;
+``benchmarks/results/tuning/gradinversion/records.jsonl``)."""
+
+RECIPE = dict(
+    matching="euclidean",
+    matching_scale=1e-4,
+    signed=False,
+    lr=0.1,
+    schedule="cosine",
+    warmup=50,
+    langevin=0.01,
+    tv=1e-4,
+    l2=1e-6,
+    bn_prior=0.1,
+    bn_first=10.0,
+    coordinates="normalized",
+    init="randn",
+    keep_best=True,
+)
+"""GradInversion's recipe as breaching's ``seethroughgradients`` attack sets it
+(its ``config/attack/seethroughgradients.yaml``: Euclidean objective scale 1e-4,
+Adam 0.1 unsigned, cosine decay, warm-up 50, Langevin noise 0.01, TV 1e-4, ℓ2
+norm 1e-6, DeepInversion 0.1 with the first layer ×10; breaching keeps the
+iterate of lowest objective), for ``GradInversion(**RECIPE)``."""
+
+
+@dataclass(frozen=True)
+class GradInversion(OptimisationAttack):
+    """GradInversion's priors on the inverting-gradients loop (Yin et al., CVPR 2021).
+
+    Args: those of :class:`~leakage.attacks.inverting.InvertingGradients`, and
+
+        matching: ``"cosine"`` or ``"euclidean"`` gradient distance.
+        matching_scale: factor on it.
+        bn_prior: weight of the BatchNorm-statistics prior (needs a victim
+            with BatchNorm whose running statistics the server holds).
+        bn_first: factor of the first BatchNorm layer in it.
+        group: weight of group consistency (needs ``restarts`` >= 2).
+        l2: weight of the image-norm prior.
+        langevin: Langevin noise on the gradient, times the step size.
+        warmup: iterations of linear step-size warm-up.
+
+    ``lr``, ``tv``, ``init``, ``coordinates``, ``schedule`` and ``keep_best``
+    left at ``None`` take the victim's tuned inverting-gradients defaults.
+    """
+
+    solver = staticmethod(invert_gradients)
+
+    steps: int = 4800
+    restarts: int = 1
+    lr: float | None = None
+    tv: float | None = None
+    init: str | None = None
+    coordinates: str | None = None
+    schedule: str | None = None
+    keep_best: bool | None = None
+    signed: bool = True
+    matching: str = "cosine"
+    matching_scale: float = 1.0
+    bn_prior: float = TUNED_PRIORS["bn_prior"]
+    bn_first: float = 10.0
+    group: float = TUNED_PRIORS["group"]
+    l2: float = TUNED_PRIORS["l2"]
+    langevin: float = 0.0
+    warmup: int = 0
+    dtype: str = "auto"
+    label_strategy: str = "yin"
+    batched: bool = True
+    compile: bool | None = None
+    channels_last: bool = True
+    device: str = "cpu"
+
+
+ATTACKS.register("gradinversion")(GradInversion)
