@@ -114,10 +114,30 @@ class UpdateSimulator:
         self._grad = grad(self._loss)
         self._plans = {n: self._local_batches(n) for n in counts}  # per client size, once
         self._server_buffers = dict(obs.buffers)
+        self.support: torch.Tensor | None = None
         self._bn_running: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._bn_weights: list[float] = []
         self._moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._bn_terms: list[torch.Tensor] | None = None
+
+    def restrict_to_support(self) -> float:
+        """Simulate only the entries the observed update kept (an adaptive attack on pruning).
+
+        A pruning defense (:class:`defenses.transforms.Prune`) sends zeros in place of
+        the entries it drops, and which entries those are is visible in the update
+        itself. Matching the dummy update there asks the dummy data to explain
+        zeros the client never computed; after this call every simulated update
+        is multiplied by the mask of the observed update's non-zero entries, so a
+        matching loss compares the kept entries only (Kerckhoffs: the defense is
+        public, the attacker adapts to it). Entries that are exactly zero in an
+        undefended gradient (dead units) lose their constraint, which costs
+        little.
+
+        Returns:
+            The fraction of entries kept.
+        """
+        self.support = (self.target != 0).to(self.target.dtype)  # (d,)
+        return float(self.support.mean())
 
     def track_batch_norm(self, *, first_weight: float = 1.0) -> None:
         """Make ``bn=True`` calls return the BatchNorm-statistics prior too.
@@ -278,7 +298,8 @@ class UpdateSimulator:
                 w * self._client(x[s : s + n], y[s : s + n], batched)
                 for w, (s, n) in zip(self.weights, self.groups)
             ]
-            return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            update = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            return update if self.support is None else update * self.support  # (d,)
         if not self.tracks_batch_norm:
             raise ValueError("bn=True needs track_batch_norm() first")
         self._bn_terms = []

@@ -2,6 +2,7 @@
 
 from .analytic import Analytic
 from .base import ATTACKS, Attack, Reconstruction, build_attack
+from .best import Best
 from .dlg import DLG, match_gradients
 from .gradinversion import GradInversion
 from .idlg import IDLG
@@ -13,6 +14,7 @@ __all__ = [
     "ATTACKS",
     "Analytic",
     "Attack",
+    "Best",
     "DLG",
     "GradInversion",
     "IDLG",

@@ -19,6 +19,13 @@ reconstruction is scored the same way). With ``stop_at`` set, a closed-form
 candidate whose update matches to within that distance is taken at once: an
 exact recovery cannot be beaten, and the optimisation attacks are not run.
 
+Adaptive forms (Kerckhoffs: the defense is public). Against pruning, the
+optimisation candidates match only the entries the observed update kept
+(``support``, see :meth:`~leakage.simulate.UpdateSimulator.restrict_to_support`);
+against clipping nothing is needed, since R-GAP and the cosine of inverting
+gradients are invariant to the update's scale. Not yet adapted: a model of the
+quantiser inside the simulation, and averaging over restarts against noise.
+
 The benchmarks report, beside this attacker-side choice, the oracle maximum
 over attacks (the defender's worst case); see ``benchmarks/attack_suite.py``.
 """
@@ -47,25 +54,35 @@ log = logging.getLogger(__name__)
 CANDIDATES = ("spear", "rgap", "analytic", "cpa", "ig", "dlg")
 """The candidates in the order they are tried (closed form first)."""
 CLOSED_FORM = frozenset({"spear", "rgap", "analytic", "cpa"})
+PRUNED = 0.05
+"""Fraction of exactly-zero entries from which ``support="auto"`` treats an
+update as pruned (an undefended float gradient has next to none; dead ReLU
+units give some, and losing their constraints costs little)."""
 DLG_MAX_PARAMETERS = 100_000
 """DLG (L-BFGS through the whole victim) runs only on victims smaller than this
 (the LeNets and the small CNN); on larger ones it recovers nothing within any
 budget the suite can afford."""
 
 
-def update_distance(obs: Observation, images: torch.Tensor, labels: torch.Tensor) -> float:
+def update_distance(
+    obs: Observation, images: torch.Tensor, labels: torch.Tensor, *, support: str = "all"
+) -> float:
     """1 − cos between the observed update and the one ``images``/``labels`` produce.
 
     Args:
         obs: the observation (its threat model is simulated).
         images: (N, C, H, W) a reconstruction in pixel space [0, 1].
         labels: (N,) its labels.
+        support: ``"all"`` entries, or ``"nonzero"``: only those the observed
+            update kept (a pruned update's dropped entries say nothing).
 
     Returns:
         The cosine distance in [0, 2], computed in float64; ``inf`` when the
         reconstruction does not fit the observation's batch (wrong N).
     """
     sim = UpdateSimulator(obs, dtype=torch.float64)
+    if support == "nonzero":
+        sim.restrict_to_support()
     if images.shape[0] != sim.num_samples:
         return math.inf
     k = obs.model_spec.num_classes
@@ -91,6 +108,10 @@ class Best:
             each attack's default).
         stop_at: take a closed-form candidate at once when its update
             distance is below this (``0`` never stops early).
+        support: what the optimisation candidates match: ``"all"`` entries,
+            ``"nonzero"`` (the kept ones), or ``"auto"``: ``"nonzero"`` when at
+            least :data:`PRUNED` of the observed update's entries are exactly
+            zero (a pruned update), ``"all"`` otherwise.
         device: where the optimisation candidates run.
 
     The result's ``options`` holds ``chosen`` (the kept candidate) and
@@ -104,6 +125,7 @@ class Best:
     restarts: int | None = None
     label_strategy: str | None = None
     stop_at: float = 1e-6
+    support: str = "auto"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -116,13 +138,22 @@ class Best:
             ATTACKS.get(name)
         if not (isinstance(self.stop_at, (int, float)) and self.stop_at >= 0):
             raise ValueError(f"stop_at must be a number >= 0; got {self.stop_at!r}")
+        if self.support not in ("auto", "all", "nonzero"):
+            raise ValueError(f"support must be auto, all or nonzero; got {self.support!r}")
 
     def candidates(self) -> tuple[str, ...]:
         if self.attacks is not None:
             return tuple(self.attacks)
         return tuple(a for a in CANDIDATES if a in ATTACKS.names())
 
-    def _build(self, name: str, obs: Observation):
+    def resolve_support(self, obs: Observation) -> str:
+        """``"all"`` or ``"nonzero"``: :attr:`support` with ``"auto"`` decided on ``obs``."""
+        if self.support != "auto":
+            return self.support
+        zeros = float((obs.update.flat == 0).double().mean())
+        return "nonzero" if zeros >= PRUNED else "all"
+
+    def _build(self, name: str, obs: Observation, support: str):
         """The candidate with this attack's budget, or ``None`` (with why) when out of scope."""
         if name == "dlg" and sum(p.numel() for p in obs.parameters) >= DLG_MAX_PARAMETERS:
             return None, f"victim has >= {DLG_MAX_PARAMETERS} parameters"
@@ -133,6 +164,7 @@ class Best:
             "restarts": self.restarts,
             "label_strategy": self.label_strategy,
             "device": self.device if self.device != "cpu" else None,
+            "support": None if support == "all" else support,
         }
         options = {k: v for k, v in wanted.items() if v is not None and k in accepted}
         return ATTACKS.build(name, **options), None
@@ -150,8 +182,9 @@ class Best:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         report: dict[str, dict] = {}
         best: tuple[float, str, Reconstruction] | None = None
+        support = self.resolve_support(obs)
         for name in self.candidates():
-            attack, why = self._build(name, obs)
+            attack, why = self._build(name, obs, support)
             if attack is None:
                 report[name] = {"applies": False, "reason": why}
                 continue
@@ -165,7 +198,7 @@ class Best:
                 log.info("best: %s does not apply: %s", name, report[name]["reason"])
                 continue
             seconds = time.perf_counter() - start
-            distance = update_distance(obs, rec.images, rec.labels)
+            distance = update_distance(obs, rec.images, rec.labels, support=support)
             report[name] = {"applies": True, "distance": distance, "seconds": round(seconds, 3)}
             log.info("best: %s fits with distance %.3g in %.1f s", name, distance, seconds)
             if best is None or distance < best[0]:
@@ -182,6 +215,7 @@ class Best:
                 **rec.options,
                 "chosen": name,
                 "distance": distance,
+                "support": support,
                 "candidates": report,
             },
         )

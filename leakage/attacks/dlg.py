@@ -71,6 +71,7 @@ def match_gradients(
     dtype: str = "auto",
     batched: bool = False,
     early_stop: bool = True,
+    support: str = "all",
     generator: torch.Generator | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
@@ -103,6 +104,8 @@ def match_gradients(
             cases) and on a GPU.
         early_stop: stop every restart once one has converged (sequentially:
             do not start further restarts).
+        support: ``"all"`` or ``"nonzero"``: match only the entries the observed
+            update kept (against pruning; see :func:`~leakage.attacks.matching.setup`).
         generator: source of the random starts (default: seed 0).
         device: where to run (default: CPU).
 
@@ -113,7 +116,7 @@ def match_gradients(
         raise ValueError("steps, restarts and max_iter must be positive")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    st = setup(obs, dtype=dtype, device=device, lbfgs=True)
+    st = setup(obs, dtype=dtype, device=device, lbfgs=True, support=support)
     x0, y0 = random_starts(
         obs, restarts, init=init, learn_labels=labels is None, generator=generator
     )
@@ -304,6 +307,7 @@ class DLG(OptimisationAttack):
         batched: restarts batched, or run one after the other (default, see
             :func:`match_gradients`).
         early_stop: stop once one restart has converged.
+        support: ``"all"`` or ``"nonzero"`` (match the kept entries only).
         device: where the attack runs.
     """
 
@@ -320,6 +324,7 @@ class DLG(OptimisationAttack):
     label_strategy: str = "joint"
     batched: bool = False
     early_stop: bool = True
+    support: str = "all"
     device: str = "cpu"
 
 

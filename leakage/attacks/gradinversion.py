@@ -112,6 +112,7 @@ class GradInversion(OptimisationAttack):
     batched: bool = True
     compile: bool | None = None
     channels_last: bool = True
+    support: str = "all"
     device: str = "cpu"
 
 

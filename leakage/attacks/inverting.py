@@ -227,6 +227,7 @@ def invert_gradients(
     l2: float = 0.0,
     langevin: float = 0.0,
     warmup: int = 0,
+    support: str = "all",
     generator: torch.Generator | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
@@ -294,6 +295,9 @@ def invert_gradients(
             ``seethroughgradients``: 0.01).
         warmup: iterations of linear warm-up of the step size from 0 before
             ``schedule`` starts (breaching's ``seethroughgradients``: 50).
+        support: ``"all"`` (match every entry) or ``"nonzero"`` (match only the
+            entries the observed update kept: the adaptive attack on pruning,
+            see :meth:`~leakage.simulate.UpdateSimulator.restrict_to_support`).
         generator: source of the random starts and the Langevin noise
             (default: seed 0).
         device: where to run (default: CPU).
@@ -339,7 +343,7 @@ def invert_gradients(
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    st = setup(obs, dtype=dtype, device=device, lbfgs=False)
+    st = setup(obs, dtype=dtype, device=device, lbfgs=False, support=support)
     if bn_prior:
         st.sim.track_batch_norm(first_weight=bn_first)  # ValueError without BatchNorm
     x0, y0 = random_starts(
@@ -379,6 +383,7 @@ def invert_gradients(
         l2=l2,
         langevin=langevin,
         warmup=warmup,
+        support=support,
     )
     defaults = dict(
         matching="cosine",
@@ -389,6 +394,7 @@ def invert_gradients(
         l2=0.0,
         langevin=0.0,
         warmup=0,
+        support="all",
     )
     extra = {k: v for k, v in extra.items() if v != defaults[k]}  # IG's options as they were
     if options["channels_last"]:
@@ -734,6 +740,7 @@ class InvertingGradients(OptimisationAttack):
         compile: the objective through ``torch.compile``; ``None``: when it pays
             (see :func:`invert_gradients`).
         channels_last: channels-last memory on the CPU.
+        support: ``"all"`` or ``"nonzero"`` (match the kept entries only, against pruning).
         device: where the attack runs.
 
     The defaults come from ``benchmarks/tuning.py`` (see the module docstring).
@@ -755,6 +762,7 @@ class InvertingGradients(OptimisationAttack):
     batched: bool = True
     compile: bool | None = None
     channels_last: bool = True
+    support: str = "all"
     device: str = "cpu"
 
 

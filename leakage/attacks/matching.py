@@ -96,7 +96,17 @@ class Setup:
             torch.backends.mkldnn.enabled = before
 
 
-def setup(obs: Observation, *, dtype: str, device: str | torch.device | None, lbfgs: bool) -> Setup:
+SUPPORTS = ("all", "nonzero")
+
+
+def setup(
+    obs: Observation,
+    *,
+    dtype: str,
+    device: str | torch.device | None,
+    lbfgs: bool,
+    support: str = "all",
+) -> Setup:
     """Resolve precision and device and build the simulator.
 
     Args:
@@ -104,7 +114,12 @@ def setup(obs: Observation, *, dtype: str, device: str | torch.device | None, lb
             attacks on victims below :data:`SMALL_MODEL` parameters (L-BFGS keeps
             converging past the float32 floor there), float32 otherwise.
         lbfgs: whether the attack uses L-BFGS.
+        support: ``"all"`` (match every entry of the update) or ``"nonzero"``
+            (match only the entries the observed update kept, the adaptive
+            attack on pruning; see :meth:`UpdateSimulator.restrict_to_support`).
     """
+    if support not in SUPPORTS:
+        raise ValueError(f"support must be one of {', '.join(SUPPORTS)}; got {support!r}")
     if dtype not in ("auto", "float32", "float64"):
         raise ValueError(f"dtype must be 'auto', 'float32' or 'float64'; got {dtype!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -115,7 +130,10 @@ def setup(obs: Observation, *, dtype: str, device: str | torch.device | None, lb
         dt = torch.float64 if (small and lbfgs) else torch.float32
     else:
         dt = getattr(torch, dtype)
-    return Setup(UpdateSimulator(obs, dtype=dt, device=device), dt, device, small)
+    sim = UpdateSimulator(obs, dtype=dt, device=device)
+    if support == "nonzero":
+        sim.restrict_to_support()
+    return Setup(sim, dt, device, small)
 
 
 def random_starts(

@@ -9,11 +9,13 @@ computation as the client's), and of other images it is not.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from fl_core import build_model, load_samples
-from leakage import score_images
+from leakage import InvertingGradients, score_images
 from leakage.attacks.best import Best, update_distance
 from leakage.experiment import AttackConfig, observe
 
@@ -58,7 +60,9 @@ def test_best_keeps_the_candidate_with_the_smallest_distance(torch_single_thread
     ran = {k: v["distance"] for k, v in report.items() if v["applies"]}
     assert set(ran) == {"ig", "dlg"}
     assert rec.options["chosen"] == min(ran, key=ran.get)
-    assert rec.options["distance"] == pytest.approx(update_distance(obs, rec.images, rec.labels))
+    support = rec.options["support"]  # dead ReLU units zero some entries: may be "nonzero"
+    again = update_distance(obs, rec.images, rec.labels, support=support)
+    assert rec.options["distance"] == pytest.approx(again)
 
 
 def test_best_checks_its_candidates():
@@ -69,3 +73,34 @@ def test_best_checks_its_candidates():
     obs, _ = _observe("lenet", "relu")
     with pytest.raises(ValueError, match="no candidate attack applies.*rgap"):
         Best(attacks=("rgap",)).reconstruct(obs)
+
+
+def test_support_matches_only_the_entries_a_pruned_update_kept():
+    """The adaptive attack on pruning: the simulated update is zero wherever the
+    observed one is, and equal to the client's computation elsewhere."""
+    from defenses.transforms import Prune
+    from leakage.simulate import UpdateSimulator
+
+    obs, gt = _observe("lenet", "sigmoid")
+    pruned = dataclasses.replace(obs, update=Prune(ratio=0.7)(obs.update))
+    sim = UpdateSimulator(pruned, dtype=torch.float64)
+    assert sim.restrict_to_support() == pytest.approx(0.3, abs=0.01)
+    y = torch.nn.functional.one_hot(gt.labels, 10).double()
+    with torch.enable_grad():
+        dummy = sim(gt.images.double()[None], y[None])[0]
+    kept = pruned.update.flat != 0
+    assert bool((dummy[~kept] == 0).all())
+    torch.testing.assert_close(dummy[kept].float(), pruned.update.flat[kept], rtol=1e-4, atol=1e-7)
+    # the truth fits a pruned update exactly only when the dropped entries are ignored
+    assert update_distance(pruned, gt.images, gt.labels, support="nonzero") < 1e-9
+    assert update_distance(pruned, gt.images, gt.labels) > 1e-3
+    assert Best().resolve_support(pruned) == "nonzero"
+    assert Best().resolve_support(obs) == "all"
+
+
+def test_support_is_checked():
+    obs, _ = _observe("lenet", "sigmoid")
+    with pytest.raises(ValueError, match="support must be one of all, nonzero"):
+        InvertingGradients(steps=1, support="kept").reconstruct(obs)
+    with pytest.raises(ValueError, match="support must be auto, all or nonzero"):
+        Best(support="kept")
