@@ -281,10 +281,11 @@ def summarise(records: list[dict]) -> list[dict]:
             row[f"{attack}_n"] = len(runs)
         psnrs = {a: row[f"{a}_psnr"] for a in ATTACK_BUDGETS if row[f"{a}_psnr"] is not None}
         # the defender's worst case: the attack with the highest mean PSNR at this point
-        row["best_attack"] = max(psnrs, key=psnrs.get) if psnrs else None
-        row["best_psnr"] = psnrs[row["best_attack"]] if psnrs else None
+        row["top_attack"] = max(psnrs, key=psnrs.get) if psnrs else None
+        row["top_psnr"] = psnrs[row["top_attack"]] if psnrs else None
         counts = {row[f"{a}_n"] for a in ATTACK_BUDGETS} - {0}
-        row["complete"] = len(counts) == 1 and all(row[f"{a}_n"] for a in CORE_ATTACKS)
+        core = [a for a in CORE_ATTACKS if a in ATTACK_BUDGETS]
+        row["complete"] = len(counts) == 1 and all(row[f"{a}_n"] for a in core)
         out.append(row)
     return out
 
@@ -347,7 +348,7 @@ def headlines(rows: list[dict], test_n: int) -> list[str]:
         return ["(the undefended point is not measured yet)"]
     lines = [
         f"Undefended: test accuracy {base['accuracy']:.3f}; "
-        f"best attack {_fmt(base['best_psnr'], 1)} dB ({base['best_attack']}).",
+        f"best attack {_fmt(base['top_psnr'], 1)} dB ({base['top_attack']}).",
         "",
         "| defense | weakest strength defeating every attack (best mean PSNR < "
         f"{DEFEATED:g} dB) | best PSNR there (attack) | test acc. there | accuracy cost | "
@@ -360,16 +361,14 @@ def headlines(rows: list[dict], test_n: int) -> list[str]:
         pts = [r for r in rows if r["family"] == family and r["complete"]]
         if not pts:
             continue
-        hit = next(
-            (r for r in pts if r["best_psnr"] is not None and r["best_psnr"] < DEFEATED), None
-        )
+        hit = next((r for r in pts if r["top_psnr"] is not None and r["top_psnr"] < DEFEATED), None)
         if hit is None:
             low = min(
-                (r for r in pts if r["best_psnr"] is not None),
-                key=lambda r: r["best_psnr"],
+                (r for r in pts if r["top_psnr"] is not None),
+                key=lambda r: r["top_psnr"],
                 default=None,
             )
-            shown = "–" if low is None else f"{_fmt(low['best_psnr'], 1)} dB, {low['best_attack']}"
+            shown = "–" if low is None else f"{_fmt(low['top_psnr'], 1)} dB, {low['top_attack']}"
             lines.append(
                 f"| {family} | none in the grid (lowest best PSNR {shown}) | – | – | – | – | – |"
             )
@@ -377,7 +376,7 @@ def headlines(rows: list[dict], test_n: int) -> list[str]:
         acc = hit.get("accuracy")
         cost = None if acc is None else base["accuracy"] - acc
         lines.append(
-            f"| {family} | {hit['strength']} | {_fmt(hit['best_psnr'], 1)} ({hit['best_attack']}) "
+            f"| {family} | {hit['strength']} | {_fmt(hit['top_psnr'], 1)} ({hit['top_attack']}) "
             f"| {_fmt(acc, 3)} | "
             f"{_fmt(cost, 3)} | {_fmt(hit.get('attack_epsilon'))} | {_fmt(hit.get('epsilon'))} |"
         )
@@ -411,7 +410,7 @@ def write_report(args: argparse.Namespace) -> str:
     cols = ["family", "strength", "attack_epsilon", "epsilon", "accuracy"] + [
         f"{a}_{m}" for a in ATTACK_BUDGETS for m in ("psnr", "ssim", "label_accuracy")
     ]
-    cols += ["best_attack", "best_psnr"]
+    cols += ["top_attack", "top_psnr"]
     with (args.out / "table.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -432,7 +431,7 @@ def write_report(args: argparse.Namespace) -> str:
             f"{_fmt(r.get('epsilon'))} | "
             f"{_fmt(r.get('accuracy'), 3)} | "
             + " | ".join(cells)
-            + f" | {r['best_attack'] or '–'}, {_fmt(r['best_psnr'], 1)} |"
+            + f" | {r['top_attack'] or '–'}, {_fmt(r['top_psnr'], 1)} |"
         )
     plot_families(rows, args.out)
     a = args
@@ -523,16 +522,16 @@ def plot_families(rows: list[dict], out: Path) -> None:
             ys = [r[f"{attack}_psnr"] for r in pts if r[f"{attack}_psnr"] is not None]
             ax.plot(xs, ys, "o-", color=color, label=attack.upper(), alpha=0.8)
         for i, r in enumerate(pts):
-            if r["best_psnr"] is not None:  # staggered, so clustered points stay readable
+            if r["top_psnr"] is not None:  # staggered, so clustered points stay readable
                 ax.annotate(
                     r["strength"],
-                    (r["accuracy"], r["best_psnr"]),
+                    (r["accuracy"], r["top_psnr"]),
                     fontsize=7,
                     xytext=(5, 4 + 9 * (i % 3)),
                     textcoords="offset points",
                 )
-        if base and base.get("accuracy") is not None and base["best_psnr"] is not None:
-            ax.plot(base["accuracy"], base["best_psnr"], "k*", ms=12, label="no defense")
+        if base and base.get("accuracy") is not None and base["top_psnr"] is not None:
+            ax.plot(base["accuracy"], base["top_psnr"], "k*", ms=12, label="no defense")
         ax.set_xlabel("test accuracy after FL training")
         ax.set_ylabel("reconstruction PSNR (dB)")
         ax.set_title(f"{family}: privacy vs utility")
@@ -560,17 +559,17 @@ def plot_families(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for family in families:
         pts = [r for r in rows if r["family"] == family]
-        pts = [r for r in pts if r.get("accuracy") is not None and r["best_psnr"] is not None]
+        pts = [r for r in pts if r.get("accuracy") is not None and r["top_psnr"] is not None]
         if pts:
             ax.plot(
                 [r["accuracy"] for r in pts],
-                [r["best_psnr"] for r in pts],
+                [r["top_psnr"] for r in pts],
                 "o-",
                 label=family,
                 alpha=0.8,
             )
-    if base and base.get("accuracy") is not None and base["best_psnr"] is not None:
-        ax.plot(base["accuracy"], base["best_psnr"], "k*", ms=14, label="no defense")
+    if base and base.get("accuracy") is not None and base["top_psnr"] is not None:
+        ax.plot(base["accuracy"], base["top_psnr"], "k*", ms=14, label="no defense")
     ax.set_xlabel("test accuracy after FL training (higher: more useful)")
     ax.set_ylabel("best attack's PSNR, dB (lower: more private)")
     names = ", ".join(a.upper() if a != "rgap" else "R-GAP" for a in ATTACK_BUDGETS)

@@ -81,11 +81,11 @@ def test_summary_means_and_headline_pick():
         pu.ATTACK_BUDGETS.update({"dlg": {}, "ig": {}})
         rows = pu.summarise(_records())
         by = {(r["family"], r["strength"]): r for r in rows}
-        assert by[("none", "none")]["dlg_psnr"] == 45.0 and by[("none", "none")]["best_psnr"] == 45
-        assert by[("prune", "50%")]["best_psnr"] == 12.5  # the best attack's mean, not the min
+        assert by[("none", "none")]["dlg_psnr"] == 45.0 and by[("none", "none")]["top_psnr"] == 45
+        assert by[("prune", "50%")]["top_psnr"] == 12.5  # the best attack's mean, not the min
         text = "\n".join(pu.headlines(rows, test_n=2000))
         # 50% leaves IG at 12.5 dB (not < 12); 90% is the weakest defeating both, at cost 0.2
-        assert "| prune | 90% | 8.0 | 0.600 | 0.200 |" in text
+        assert "| prune | 90% | 8.0 (ig) | 0.600 | 0.200 |" in text
         incomplete = [
             r for r in _records() if not (r.get("attack") == "ig" and r["strength"] == "90%")
         ]
