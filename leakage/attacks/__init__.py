@@ -3,8 +3,10 @@
 from .analytic import Analytic
 from .base import ATTACKS, Attack, Reconstruction, build_attack
 from .best import Best
+from .cpa import CPA, UnmixResult, cocktail_party, invert_features
 from .dlg import DLG, match_gradients
 from .gradinversion import GradInversion
+from .ica import fast_ica
 from .idlg import IDLG
 from .inverting import InvertingGradients, invert_gradients
 from .rgap import RGAP, LayerRank, rank_analysis
@@ -15,6 +17,7 @@ __all__ = [
     "Analytic",
     "Attack",
     "Best",
+    "CPA",
     "DLG",
     "GradInversion",
     "IDLG",
@@ -24,7 +27,11 @@ __all__ = [
     "Reconstruction",
     "Spear",
     "SpearResult",
+    "UnmixResult",
     "build_attack",
+    "cocktail_party",
+    "fast_ica",
+    "invert_features",
     "invert_gradients",
     "match_gradients",
     "rank_analysis",
