@@ -246,8 +246,8 @@ def summary(records: list[dict], args, command: str) -> str:
             "Same network: breaching's `cnn6` with the lab's weights gives logits within "
             f"{max(r['logit_diff'] for r in peer):.1e} and a gradient within "
             f"{max(r['grad_rel_diff'] for r in peer):.1e} (relative) of the lab's on every "
-            "image. breaching's per-layer least-squares residuals (printed by its R-GAP, "
-            "last layer first; float32 NumPy `lstsq` on the dense system) on "
+            "image. breaching's least-squares residuals per convolution (printed by its R-GAP, "
+            "last convolution first; float32 NumPy `lstsq` on the dense system) on "
             f"{peer[0]['image']}: "
             + ", ".join(f"{v:.1e}" if v is not None else "-" for v in residuals[0])
             + (
@@ -255,6 +255,18 @@ def summary(records: list[dict], args, command: str) -> str:
                 if first
                 else "."
             ),
+        ]
+    spread = [
+        f"{name} {min(r['seconds'] for r in rs):.2f}-{max(r['seconds'] for r in rs):.2f} s "
+        f"(median {statistics.median(r['seconds'] for r in rs):.2f})"
+        for name in ("breaching", "lab")
+        if (rs := [r for r in images if r["peer"] == name])
+    ]
+    if spread:
+        lines += [
+            "",
+            "Seconds are wall time of the attack alone on a 2-core machine shared with other "
+            "jobs, so they vary with its load: " + "; ".join(spread) + ".",
         ]
     lab = [r for r in images if r["peer"] == "lab"]
     if lab:
@@ -371,7 +383,8 @@ def main(argv=None) -> int:
             bar.write(f"{name} {peer}: {_db(record['psnr'])} dB, {seconds:.2f} s")
     bar.close()
     records = [r for r in load_records(store) if r["setting"] == setting]
-    command = " ".join(["python", "benchmarks/rgap.py", *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python", "benchmarks/rgap.py", *(a for a in given if a != "--quiet")])
     text = summary(records, args, command)
     write_atomic(args.out / "summary.md", text)
     print(text)

@@ -130,13 +130,23 @@ def summary(records: list[dict], args, command: str) -> str:
             f"{statistics.median(r['row_draws'] for r in rs):,.0f} | "
             f"{max(r['row_draws'] for r in rs):,} |"
         )
-    lines += ["", "Per batch:", "", "| B | draw | exact | seconds | row subsets | images |"]
-    lines.append("|--:|--:|--:|--:|--:|---|")
+    lines += [
+        "",
+        "Row subsets are counted in the attack's chunks of 8,192; the search stops when every "
+        "sample passes the self-check or after `max_draws` (default 2,000,000) row subsets. "
+        "Where a sample's direction is still missing then, the completed Q is wrong and in "
+        "general so is every other sample's input (see `leakage/attacks/spear.py`, `_solve`).",
+        "",
+        "Per batch:",
+        "",
+        "| B | draw | exact | directions found | seconds | row subsets | images |",
+        "|--:|--:|--:|--:|--:|--:|---|",
+    ]
     for r in sorted(records, key=lambda r: (r["batch"], r["draw"])):
         shown = ", ".join(r["images"][:4]) + (", ..." if len(r["images"]) > 4 else "")
         lines.append(
             f"| {r['batch']} | {r['draw']} | {r['exact_psnr']}/{r['batch']} | "
-            f"{r['seconds']:.2f} | {r['row_draws']:,} | {shown} |"
+            f"{r['found']}/{r['batch']} | {r['seconds']:.2f} | {r['row_draws']:,} | {shown} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -183,7 +193,8 @@ def main(argv=None) -> int:
             f"{record['row_draws']:,} row subsets"
         )
     records = [r for r in load_records(store) if r["setting"] == setting]
-    command = " ".join(["python", "benchmarks/spear.py", *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python", "benchmarks/spear.py", *(a for a in given if a != "--quiet")])
     text = summary(records, args, command)
     write_atomic(args.out / "summary.md", text)
     print(text)
