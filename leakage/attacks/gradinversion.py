@@ -32,8 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import ATTACKS
-from .inverting import invert_gradients
-from .matching import OptimisationAttack
+from .inverting import InvertingGradients
 
 __all__ = ["RECIPE", "TUNED_PRIORS", "GradInversion"]
 
@@ -69,7 +68,7 @@ iterate of lowest objective), for ``GradInversion(**RECIPE)``."""
 
 
 @dataclass(frozen=True)
-class GradInversion(OptimisationAttack):
+class GradInversion(InvertingGradients):
     """GradInversion's priors on the inverting-gradients loop (Yin et al., CVPR 2021).
 
     Args: those of :class:`~leakage.attacks.inverting.InvertingGradients`, and
@@ -88,17 +87,8 @@ class GradInversion(OptimisationAttack):
     left at ``None`` take the victim's tuned inverting-gradients defaults.
     """
 
-    solver = staticmethod(invert_gradients)
-
-    steps: int = 4800
-    restarts: int = 1
-    lr: float | None = None
-    tv: float | None = None
-    init: str | None = None
-    coordinates: str | None = None
-    schedule: str | None = None
-    keep_best: bool | None = None
-    signed: bool = True
+    # InvertingGradients' fields and solver, GradInversion's labels, and the prior terms
+    label_strategy: str = "yin"
     matching: str = "cosine"
     matching_scale: float = 1.0
     bn_prior: float = TUNED_PRIORS["bn_prior"]
@@ -107,13 +97,6 @@ class GradInversion(OptimisationAttack):
     l2: float = TUNED_PRIORS["l2"]
     langevin: float = 0.0
     warmup: int = 0
-    dtype: str = "auto"
-    label_strategy: str = "yin"
-    batched: bool = True
-    compile: bool | None = None
-    channels_last: bool = True
-    support: str = "all"
-    device: str = "cpu"
 
 
 ATTACKS.register("gradinversion")(GradInversion)
