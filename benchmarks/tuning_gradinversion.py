@@ -64,7 +64,7 @@ from leakage.experiment import AttackConfig, observe  # noqa: E402
 from leakage.store import append_record, load_records  # noqa: E402
 
 CHECKPOINT = Path("benchmarks/out/gradinversion/resnet20-relu.pt")
-BN_WEIGHTS = (0.0, 1e-4, 1e-3, 1e-2)
+BN_WEIGHTS = (0.0, 1e-3, 1e-2, 1e-1)
 EXTRA = ({"l2": 1e-2},)
 
 
@@ -131,7 +131,8 @@ class Sweep:
 
     @staticmethod
     def key(r: dict) -> tuple:
-        return (r["split"], r["batch"], r["index"], json.dumps(r["options"], sort_keys=True))
+        options = json.dumps(r["options"], sort_keys=True)
+        return (r["split"], r["batch"], r["index"], options, r["steps"])
 
     def measure(self, split: str, size: int, options: dict) -> list[dict]:
         a = self.args

@@ -54,9 +54,10 @@ client used and the ones both attackers' BatchNorm priors match:
 Both are given the true labels (sorted; the order is free), so the comparison
 measures the image reconstruction; both run the same number of iterations.
 Records go to ``<out>/records.jsonl``, the summary to
-``<out>/summary-seethrough-<steps>.md``. LPIPS is not reported: its AlexNet
-weights cannot be downloaded here (``leakage.metrics.lpips`` computes it
-where they are installed).
+``<out>/summary-seethrough-<steps>.md``, each run's reconstructions and originals
+(8-bit) to ``<out>/images-<steps>-B<B>-<batch>-<peer>.pt``. ``--score-lpips``
+scores those with LPIPS (AlexNet; its weights must be in the torch hub cache,
+which needs network once) into ``<out>/lpips.jsonl`` and adds the column.
 
     python benchmarks/vs_breaching.py --attacker seethrough \
         --out benchmarks/results/vs_breaching/seethrough
@@ -220,6 +221,28 @@ def run_lab_gradinversion(obs, labels: torch.Tensor, steps: int, seed: int):
     return rec, seconds, compile_seconds, rec.options
 
 
+def save_images(path: Path, reconstructed: torch.Tensor, original: torch.Tensor) -> None:
+    """Both batches as 8-bit pixels (atomically), so that a machine with LPIPS's
+    AlexNet weights can score the runs later without re-running them."""
+    as_bytes = lambda x: (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)  # noqa: E731
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"reconstructed": as_bytes(reconstructed), "original": as_bytes(original)}, tmp)
+    tmp.replace(path)
+
+
+def score_saved_lpips(out: Path, records: list[dict]) -> None:
+    """LPIPS (AlexNet) of every record's saved images not yet scored, into
+    ``<out>/lpips.jsonl``; needs the AlexNet weights in the torch hub cache."""
+    store = out / "lpips.jsonl"
+    done = {r["saved"] for r in load_records(store)}
+    for r in records:
+        if r.get("saved") and r["saved"] not in done and (out / r["saved"]).is_file():
+            saved = torch.load(out / r["saved"])
+            x, y = (saved[k].float() / 255 for k in ("reconstructed", "original"))
+            s = score_images(x, y, data_range=1.0, metrics="psnr,ssim,lpips")
+            append_record(store, {"saved": r["saved"], "net": "alex", "lpips": s.lpips.tolist()})
+
+
 def seethrough(args, breaching) -> int:
     """``--attacker seethrough``: GradInversion, breaching's beside the lab's, batches B > 1."""
     import copy
@@ -264,6 +287,8 @@ def seethrough(args, breaching) -> int:
                     images_rec = rec.images
                     extra = {"compile_seconds": compile_seconds, "options": options}
                 s = score_images(images_rec, gt.images, data_range=1.0)
+                saved = f"images-{args.steps}-B{size}-{i}-{peer}.pt"
+                save_images(args.out / saved, images_rec, gt.images)
                 record = {
                     "setting": setting,
                     "batch": size,
@@ -273,6 +298,7 @@ def seethrough(args, breaching) -> int:
                     "psnr": float(s.psnr.clamp(max=100).mean()),
                     "ssim": float(s.ssim.mean()),
                     "psnr_per_image": s.psnr.clamp(max=100).tolist(),
+                    "saved": saved,
                     "seconds": seconds,
                     "s_per_it": seconds / args.steps,
                     "threads": torch.get_num_threads(),
@@ -285,6 +311,8 @@ def seethrough(args, breaching) -> int:
                     flush=True,
                 )
     records = [r for r in load_records(store) if r["setting"] == setting]
+    if args.score_lpips:
+        score_saved_lpips(args.out, records)
     text = seethrough_summary(records, args, meta)
     name = f"summary-seethrough-{args.steps}.md"
     tmp = args.out / (name + ".tmp")
@@ -305,7 +333,9 @@ def seethrough_summary(records: list[dict], args, meta: dict) -> str:
         "gradient, images and iteration budget for both; both are given the true labels. "
         "breaching: `seethroughgradients` with its configuration; the lab: `gradinversion` with "
         "its defaults. Scores after matching reconstructions to originals (PSNR, SSIM of "
-        "`leakage.score_images`); LPIPS not computed (AlexNet weights not downloadable here). "
+        "`leakage.score_images`); LPIPS (AlexNet, lower is better) where `--score-lpips` could "
+        "load its weights, else n/a (each run's images are saved beside the records, so a "
+        "machine with the weights scores them without re-running). "
         f"Command: `python benchmarks/vs_breaching.py --attacker seethrough --steps {args.steps} "
         f"--batch-sizes {' '.join(map(str, args.batch_sizes))} --batches {args.batches} --out "
         f"{args.out}` ({records[0]['threads']} torch threads, CPU shared with other jobs).",
@@ -318,15 +348,23 @@ def seethrough_summary(records: list[dict], args, meta: dict) -> str:
             f"| {r['batch']} | {r['index']} | {r['peer']} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
             f"{r['s_per_it']:.4f} |"
         )
-    lines += ["", "| B | peer | batches | mean PSNR dB | mean SSIM | s / iteration |"]
-    lines += ["|--:|---|--:|--:|--:|--:|"]
+    scored = {
+        r["saved"]: statistics.fmean(r["lpips"]) for r in load_records(args.out / "lpips.jsonl")
+    }
+
+    def lpips_of(rs: list[dict]) -> str:
+        values = [scored.get(r.get("saved")) for r in rs]
+        return "n/a" if None in values else f"{statistics.fmean(values):.3f}"
+
+    lines += ["", "| B | peer | batches | mean PSNR dB | mean SSIM | mean LPIPS | s / iteration |"]
+    lines += ["|--:|---|--:|--:|--:|--:|--:|"]
     for size in sorted({r["batch"] for r in records}):
         for peer in ("breaching", "lab"):
             rs = [r for r in records if r["batch"] == size and r["peer"] == peer]
             if rs:
                 lines.append(
                     f"| {size} | {peer} | {len(rs)} | {statistics.fmean(r['psnr'] for r in rs):.2f}"
-                    f" | {statistics.fmean(r['ssim'] for r in rs):.3f} | "
+                    f" | {statistics.fmean(r['ssim'] for r in rs):.3f} | {lpips_of(rs)} | "
                     f"{statistics.fmean(r['s_per_it'] for r in rs):.4f} |"
                 )
     lab = [r for r in records if r["peer"] == "lab"]
@@ -436,6 +474,11 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=2, help="seethrough: batches per size")
     p.add_argument(
         "--checkpoint", type=Path, default=None, help="seethrough: the trained ResNet-20"
+    )
+    p.add_argument(
+        "--score-lpips",
+        action="store_true",
+        help="seethrough: score the saved images with LPIPS (needs AlexNet's weights)",
     )
     args = p.parse_args(argv)
     if args.steps < 1:

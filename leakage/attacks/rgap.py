@@ -68,12 +68,12 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from fl_core.models import InputNormalization
 from fl_core.types import Observation
@@ -411,7 +411,7 @@ def invert_chain(
         balance: weight each constraint block by its right-hand side's inverse squared norm.
         rcond: Cholesky pivots under ``rcond·max`` (condition number of the
             stacked system above ``1/rcond``) switch to the pseudo-inverse.
-        progress: print one line per solved layer to stderr.
+        progress: a progress bar over the layers, its postfix the last solved layer.
 
     Returns:
         ``(x, layers)``: the float64 input and one diagnostics dict per weighted layer.
@@ -430,7 +430,8 @@ def invert_chain(
     layers = [info]
     v = x.view(steps[-1].in_shape)
     delta = (last.weight.detach().double().T @ gb).view(steps[-1].in_shape)
-    for step in reversed(steps[:-1]):
+    bar = tqdm(list(reversed(steps[:-1])), disable=not progress, desc="rgap", leave=False)
+    for step in bar:
         m = step.module
         if isinstance(m, _RESHAPES):
             v, delta = v.reshape(step.in_shape), delta.reshape(step.in_shape)
@@ -450,7 +451,7 @@ def invert_chain(
             )
             layers.append(info)
         if progress and not isinstance(m, (*_RESHAPES, *_ACTIVATIONS)):
-            print(f"rgap: {step.name}: {layers[-1]}", file=sys.stderr, flush=True)
+            bar.set_postfix_str(f"{step.name}: {layers[-1].get('solver', '')}")
     return v.reshape(steps[0].in_shape), layers[::-1]
 
 
