@@ -12,7 +12,8 @@ and on the command line ``--defense clip:max_norm=1.0 --defense gaussian:sigma=0
 :class:`DefensePlan` holding the hooks of :class:`fl_core.server.Server`.
 
 Every defense acts at one stage of a round, and the list must follow the
-order of the round: ``training`` (how the client trains: ``dpsgd``), then
+order of the round: ``inspection`` (the client checks the model it received:
+``inspect``), ``training`` (how the client trains: ``dpsgd``), then
 ``client`` (transforms of the update before it leaves: ``clip``,
 ``gaussian``, ``laplace``, ``prune``, ``quantize``), then ``aggregation``
 (``norm_diff_clip``), then ``post`` (after aggregation: ``weak_dp``,
@@ -44,7 +45,7 @@ __all__ = [
     "parse_name_params",
 ]
 
-STAGES = ("training", "client", "aggregation", "post")
+STAGES = ("inspection", "training", "client", "aggregation", "post")
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,22 @@ def _dpsgd(
     return wrap
 
 
+def _inspect(*, checks: str = "all"):
+    from .inspection import CHECKS, InspectingClient
+
+    chosen = CHECKS if checks == "all" else tuple(c.strip() for c in checks.split("+"))
+    unknown = sorted(set(chosen) - set(CHECKS))
+    if unknown:
+        raise ValueError(
+            f"inspect checks: unknown {', '.join(unknown)}; valid: all or {'+'.join(CHECKS)}"
+        )
+
+    def wrap(client):
+        return InspectingClient(client, checks=chosen)
+
+    return wrap
+
+
 def _norm_diff_clip(*, max_norm: float) -> float:
     NormDiffClip(max_norm)  # validates
     return max_norm
@@ -166,6 +183,11 @@ def _aggregator_kind(rule: str) -> DefenseKind:
 
 
 DEFENSES: dict[str, DefenseKind] = {
+    "inspect": DefenseKind(
+        "inspection",
+        _inspect,
+        "the client refuses a model that is not the agreed architecture or looks built to leak",
+    ),
     "dpsgd": DefenseKind(
         "training", _dpsgd, "DP-SGD local training through Opacus (per-sample clip + noise)"
     ),
@@ -340,6 +362,8 @@ class DefensePlan:
             ``None`` for the server's default (FedAvg).
         post_aggregation: after-aggregation defenses, in order.
         delta: the δ at which a DP run reports ε (``dpsgd``'s parameter).
+        inspector: wraps each honest client (outermost) so it inspects the
+            model it receives (``inspect``), or ``None``.
     """
 
     entries: tuple[tuple[str, dict[str, Any]], ...] = ()
@@ -349,6 +373,7 @@ class DefensePlan:
     aggregator: Callable | None = None
     post_aggregation: tuple[Any, ...] = ()
     delta: float | None = None
+    inspector: Callable[[Any], Any] | None = None
 
     def wrap_clients(self, clients: Sequence[Any]) -> list[Any]:
         """The clients, honest ones wrapped by the training-stage defense if there is one.
@@ -362,7 +387,7 @@ class DefensePlan:
         honest client (:meth:`~fl_core.adversaries.Adversary.with_honest`). The
         clients given are not modified.
         """
-        if self.client_wrapper is None:
+        if self.client_wrapper is None and self.inspector is None:
             return list(clients)
         return [self._wrap(c) for c in clients]
 
@@ -371,7 +396,9 @@ class DefensePlan:
 
         if isinstance(client, Adversary):
             return client.with_honest(self._wrap(client.client))
-        return self.client_wrapper(client)  # type: ignore[misc]
+        if self.client_wrapper is not None:
+            client = self.client_wrapper(client)
+        return client if self.inspector is None else self.inspector(client)
 
     def server_kwargs(self, aggregator: Callable = fedavg) -> dict[str, Any]:
         """Keyword arguments of :class:`fl_core.server.Server` for this plan.
@@ -396,7 +423,7 @@ class DefensePlan:
 def build_plan(defenses: Sequence[Any] | None) -> DefensePlan:
     """Check ``defenses`` (see :func:`normalize_defenses`) and build their hooks."""
     entries = normalize_defenses(defenses)
-    wrapper, client, post = None, [], []
+    wrapper, inspector, client, post = None, None, [], []
     agg_clip, delta, last_clip, rule = None, None, None, None
     for name, params in entries:
         kind = DEFENSES[name]
@@ -406,7 +433,9 @@ def build_plan(defenses: Sequence[Any] | None) -> DefensePlan:
             built = kind.builder(**params)
         if name == "clip":  # a per-layer clip bounds the whole update by C·√L, not C
             last_clip = None if params.get("per_layer") else params["max_norm"]
-        if kind.stage == "training":
+        if kind.stage == "inspection":
+            inspector = built
+        elif kind.stage == "training":
             wrapper, delta = built, built.delta
         elif kind.stage == "client":
             client.append(built)
@@ -416,4 +445,6 @@ def build_plan(defenses: Sequence[Any] | None) -> DefensePlan:
             rule = built
         else:
             post.append(built)
-    return DefensePlan(entries, wrapper, tuple(client), agg_clip, rule, tuple(post), delta)
+    return DefensePlan(
+        entries, wrapper, tuple(client), agg_clip, rule, tuple(post), delta, inspector
+    )

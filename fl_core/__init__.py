@@ -4,6 +4,7 @@
 :class:`~fl_core.server.Server`'s hooks.
 """
 
+from . import malicious
 from .checkpoint import load_checkpoint, save_checkpoint
 from .client import Client, LocalTraining
 from .data import (
@@ -55,6 +56,7 @@ __all__ = [
     "load_image_folder",
     "load_samples",
     "load_torchvision",
+    "malicious",
     "partition_dirichlet",
     "partition_iid",
     "round_generator",

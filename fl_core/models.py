@@ -33,6 +33,7 @@ __all__ = [
     "InputNormalization",
     "MODELS",
     "MODEL_CONVERTERS",
+    "MODEL_MODIFICATIONS",
     "ModelSpec",
     "build_model",
     "count_parameters",
@@ -59,6 +60,16 @@ The package that registers a converter must be imported before a spec naming
 it is built.
 """
 
+MODEL_MODIFICATIONS: Registry[nn.Module] = Registry("model modification")
+"""Architectures a malicious server may send in place of the victim
+(``victim -> modified victim``, weights not yet chosen; see :mod:`fl_core.malicious`).
+
+Like a converter, a modification is part of the :class:`ModelSpec` (its
+``modification`` entry names it and its settings), so every party that
+rebuilds the model the server sent gets the same architecture; the weights the
+server chose travel as the observed parameters.
+"""
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -66,7 +77,10 @@ class ModelSpec:
 
     The server publishes the architecture with the global model, so an attacker
     may rebuild it from this spec and load the observed parameters. Hashable:
-    victim-specific ``options`` are kept as sorted ``(name, value)`` pairs.
+    victim-specific ``options`` are kept as sorted ``(name, value)`` pairs, and so
+    is ``modification``: empty for the victim as registered, else the
+    :data:`MODEL_MODIFICATIONS` entry a malicious server sent (``("name", ...)``
+    and its architectural settings).
     """
 
     name: str
@@ -76,10 +90,12 @@ class ModelSpec:
     options: tuple[tuple[str, Any], ...] = ()
     convert: str | None = None
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    modification: tuple[tuple[str, Any], ...] = ()
 
     def build(self, *, generator: torch.Generator | None = None) -> nn.Module:
-        """A fresh model of this architecture, initialised from ``generator``."""
-        return build_model(
+        """A fresh model of this architecture, initialised from ``generator``
+        (with a ``modification``: the modified architecture, its added weights unset)."""
+        model = build_model(
             self.name,
             num_classes=self.num_classes,
             in_shape=self.in_shape,
@@ -89,6 +105,10 @@ class ModelSpec:
             normalize=self.normalize,
             **dict(self.options),
         )
+        if self.modification:
+            settings = dict(self.modification)
+            model = MODEL_MODIFICATIONS.get(settings.pop("name"))(model, **settings)
+        return model
 
     def to_dict(self) -> dict[str, Any]:
         norm = self.normalize
@@ -100,6 +120,7 @@ class ModelSpec:
             **({"options": dict(self.options)} if self.options else {}),
             **({"convert": self.convert} if self.convert else {}),
             **({"normalize": {"mean": list(norm[0]), "std": list(norm[1])}} if norm else {}),
+            **({"modification": dict(self.modification)} if self.modification else {}),
         }
 
     @staticmethod

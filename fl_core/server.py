@@ -24,7 +24,15 @@ knowing them):
   by :func:`fedavg_buffers` (the same weighted mean) otherwise;
 * ``post_aggregation``: ``f(parameters, *, round, generator) -> parameters``,
   applied in order to the new global parameters (e.g. CRFL);
-* ``evaluate``: ``f(model) -> dict[str, float]`` after each round.
+* ``evaluate``: ``f(model) -> dict[str, float]`` after each round;
+* ``modification``: a malicious server's ``f(model, *, round, generator) ->
+  model``, the model it sends in place of the global one (see
+  :mod:`fl_core.malicious`). The clients compute on it as they would on the
+  true model, defenses included; every observation of the round says
+  ``server="malicious"`` and carries the sent model's spec and weights. The
+  round's updates are not applied to the global model (they are gradients of
+  the sent model, which may not even share its architecture): the round
+  served the attack, not training.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ log = logging.getLogger(__name__)
 
 SERVER_STREAM = 2**31 - 1
 """Generator stream of the server's own draws (post-aggregation noise); clients use 1 + id."""
+MALICIOUS_STREAM = 2**31 - 2
+"""Generator stream of a malicious server's modification of the model it sends."""
 
 ClientDefense = Callable[..., Update]
 Listener = Callable[[Observation], None]
@@ -207,6 +217,8 @@ class Server:
             convolution gradients are slower for larger victims; see
             ``benchmarks/fl_throughput.py``). The choice never depends on
             timing, so a config gives the same numbers on every run.
+        modification: a malicious server's model modification (see the module
+            docstring); ``None``: an honest-but-curious server.
     """
 
     def __init__(
@@ -225,6 +237,7 @@ class Server:
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         seed: int = 0,
         engine: str = "auto",
+        modification: Callable[..., nn.Module] | None = None,
     ) -> None:
         if not clients:
             raise ValueError("a server needs at least one client")
@@ -247,6 +260,7 @@ class Server:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         self.engine = engine
+        self.modification = modification
         self.seed = seed
         self.round = 0
         self._work = model.spec.build().to(next(model.parameters()).device)
@@ -268,27 +282,49 @@ class Server:
     def run_round(self) -> RoundRecord:
         """One round: broadcast, local computation, observation, aggregation."""
         t = self.round
-        snapshot = self.snapshot()
-        return self.finish_round(self.local_updates(self.sample_clients(t), t), snapshot)
+        sent = self.sent_model(t)
+        snapshot = self.snapshot(sent)
+        results = self.local_updates(self.sample_clients(t), t, sent)
+        return self.finish_round(results, snapshot, sent)
 
-    def snapshot(self) -> tuple[tuple[torch.Tensor, ...], tuple[tuple[str, torch.Tensor], ...]]:
-        """Detached copies of the global parameters and buffers as broadcast this round."""
-        params = tuple(p.detach().clone() for p in self.model.parameters())
-        buffers = tuple((n, b.detach().clone()) for n, b in self.model.named_buffers())
+    def sent_model(self, round: int) -> nn.Module:
+        """The model broadcast in ``round``: the global one, or a malicious server's
+        modification of it (drawn from the round's own generator stream)."""
+        if self.modification is None:
+            return self.model
+        g = round_generator(self.seed, round, MALICIOUS_STREAM)
+        sent = self.modification(self.model, round=round, generator=g)
+        if not hasattr(sent, "spec"):
+            raise ValueError("a modification must return a model with a spec (fl_core.malicious)")
+        return sent
+
+    def snapshot(
+        self, model: nn.Module | None = None
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[tuple[str, torch.Tensor], ...]]:
+        """Detached copies of the parameters and buffers broadcast this round (of
+        ``model``, the sent one; default the global model)."""
+        model = self.model if model is None else model
+        params = tuple(p.detach().clone() for p in model.parameters())
+        buffers = tuple((n, b.detach().clone()) for n, b in model.named_buffers())
         return params, buffers
 
-    def local_updates(self, clients: Sequence[Client], round: int) -> list[ClientResult]:
+    def local_updates(
+        self, clients: Sequence[Client], round: int, model: nn.Module | None = None
+    ) -> list[ClientResult]:
         """Every sampled client's update (after its defenses), ground truth and protocol.
 
         The in-process engine: each client computes on a working copy of the
         global model, one after the other (``engine="loop"``), or, with
         ``engine="batched"``/``"auto"``, the plain clients of one architecture
         together in one vectorised call (:mod:`fl_core.batched`); wrapped
-        clients (adversaries, DP-SGD) always take the loop.
+        clients (adversaries, DP-SGD) always take the loop, and so do all
+        clients of a model other than the global one (``model``, a
+        malicious server's).
         """
         results: dict[int, ClientResult] = {}
         generators = {c.client_id: client_generator(self.seed, round, c.client_id) for c in clients}
-        together = self._batchable(clients)
+        sent = self.model if model is None else model
+        together = self._batchable(clients) if sent is self.model else []
         if together:
             from .batched import compute_updates
 
@@ -301,13 +337,16 @@ class Server:
             for client, (update, truth) in zip(together, computed):
                 g = generators[client.client_id]
                 results[client.client_id] = self._defend(client, update, truth, g)
-        state = self.model.state_dict() if len(results) < len(clients) else None
+        state = sent.state_dict() if len(results) < len(clients) else None
+        work = self._work
+        if sent is not self.model and state is not None:
+            work = sent.spec.build().to(next(sent.parameters()).device)
         for client in clients:
             if client.client_id in results:
                 continue
-            self._work.load_state_dict(state)
+            work.load_state_dict(state)
             g = generators[client.client_id]
-            update, truth = client.compute_update(self._work, round=round, generator=g)
+            update, truth = client.compute_update(work, round=round, generator=g)
             results[client.client_id] = self._defend(client, update, truth, g)
         return [results[c.client_id] for c in clients]
 
@@ -333,6 +372,7 @@ class Server:
         self,
         results: Sequence[ClientResult],
         snapshot: tuple[tuple[torch.Tensor, ...], tuple[tuple[str, torch.Tensor], ...]],
+        model: nn.Module | None = None,
     ) -> RoundRecord:
         """The server's half of a round, whatever engine computed the clients' results.
 
@@ -345,16 +385,27 @@ class Server:
             results: one :class:`ClientResult` per sampled client, in client order.
             snapshot: the global parameters and buffers the clients received
                 (:meth:`snapshot`, taken before any of them computed).
+            model: the model the clients received when it was not the global one
+                (a malicious server's, :meth:`sent_model`): the observations carry
+                its spec and say ``server="malicious"``, and the updates are not
+                applied to the global model.
         """
         t = self.round
         global_params, global_buffers = snapshot
         if not results:
             raise ValueError(f"round {t}: no client results to aggregate")
+        malicious = model is not None and model is not self.model
+        spec = model.spec if malicious else self.model.spec
+        if malicious:
+            results = [
+                dataclasses.replace(r, protocol=dataclasses.replace(r.protocol, server="malicious"))
+                for r in results
+            ]
         for result in results:
             obs = Observation(
                 round=t,
                 client_id=result.update.client_id,
-                model_spec=self.model.spec,
+                model_spec=spec,
                 parameters=global_params,
                 buffers=global_buffers,
                 update=result.update,
@@ -369,7 +420,7 @@ class Server:
         if self.aggregate_listeners:
             obs = _aggregate_observation(
                 t,
-                self.model.spec,
+                spec,
                 global_params,
                 global_buffers,
                 updates,
@@ -377,7 +428,8 @@ class Server:
             )
             for listener in self.aggregate_listeners:
                 listener(obs)
-        self._apply(updates, t)
+        if not malicious:
+            self._apply(updates, t)
         record = RoundRecord(
             round=t,
             client_ids=[u.client_id for u in updates],

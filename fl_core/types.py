@@ -24,6 +24,8 @@ from .models import ModelSpec
 __all__ = ["GroundTruth", "Observation", "Protocol", "RoundRecord", "Update", "UpdateKind"]
 
 UpdateKind = Literal["gradient", "delta"]
+SERVERS = ("honest", "malicious")
+"""The server threat models: honest but curious, or malicious (it modifies the model it sends)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,6 +127,12 @@ class Protocol:
             ``num_samples``.
         client_weights: for an aggregate, each client's weight in the mean, in
             client order; empty for a single client.
+        server: the server the client talked to: ``"honest"`` (honest but
+            curious: it sent the true global model and only looks at what it
+            receives) or ``"malicious"`` (it sent a model it modified to make
+            the update leak, see :mod:`fl_core.malicious`; the modification is
+            the ``modification`` entry of the observation's ``model_spec``). The
+            client's computation and defenses are the same under both.
     """
 
     algorithm: Literal["fedsgd", "fedavg"]
@@ -140,9 +148,13 @@ class Protocol:
     weight: int | None = None
     client_weights: tuple[int, ...] = ()
 
+    server: Literal["honest", "malicious"] = "honest"
+
     def __post_init__(self) -> None:
         if self.weight is None:
             object.__setattr__(self, "weight", self.num_samples)
+        if self.server not in SERVERS:
+            raise ValueError(f"server must be one of {', '.join(SERVERS)}; got {self.server!r}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -109,6 +109,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--tv", type=float, default=S, help="total-variation weight (attack ig)")
     a.add_argument(
+        "--bins", type=int, default=S, help="rows of a malicious server's block (imprint, trap)"
+    )
+    a.add_argument("--target-class", type=int, default=S, help="class a fishing server fishes for")
+    a.add_argument(
+        "--sample-seed",
+        type=int,
+        default=S,
+        help="draw the batch from a seeded random order of the dataset (default: file order)",
+    )
+    a.add_argument(
         "--defense",
         dest="defenses",
         action="append",
@@ -192,7 +202,7 @@ def _attack(args: argparse.Namespace) -> int:
         lpips = "LPIPS nan  " if s["lpips"] is None else f"LPIPS {s['lpips']:.4f}  "
     print(
         f"PSNR {psnr} dB  SSIM {s['ssim']:.4f}  {lpips}label accuracy {s['label_accuracy']:.2f} "
-        f"(set {s['label_set_accuracy']:.2f})  "
+        f"(set {s['label_set_accuracy']:.2f})  recovered {s['recovered_fraction']:.2f}  "
         f"({result['seconds']:.1f} s)  -> {result['config']['out']}"
     )
     return 0

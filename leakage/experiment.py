@@ -278,6 +278,15 @@ class AttackConfig:
         steps: optimiser steps of the attack (``None``: the attack's default).
         restarts: random restarts of the attack (``None``: the attack's default).
         tv: total-variation weight (attack ``ig``; ``None``: default).
+        bins: rows of a malicious server's imprint or trap block (attacks
+            ``imprint``, ``trap``; ``None``: the attack's default).
+        target_class: the class a fishing server fishes for (attack ``fishing``;
+            ``None``: the label of the batch's first image, the targeted
+            client's).
+        sample_seed: take the batch from a random order of the dataset drawn
+            with this seed (``index`` counts in that order) instead of the
+            file order (``None``; a class-folder dataset lists its classes one
+            after the other, so a contiguous batch holds one class).
         defenses: the clients' and server's defenses, a list applied in order
             (``[{clip: {max_norm: 1.0}}, {gaussian: {sigma: 0.01}}]``; see
             :mod:`defenses.config`); the attacker sees the defended update.
@@ -317,6 +326,9 @@ class AttackConfig:
     steps: int | None = None
     restarts: int | None = None
     tv: float | None = None
+    bins: int | None = None
+    target_class: int | None = None
+    sample_seed: int | None = None
     defenses: tuple[Any, ...] = ()
     precision: str = "auto"
     metrics: tuple[str, ...] = DEFAULT_METRICS
@@ -401,11 +413,13 @@ class AttackConfig:
         put("num_classes", check_whole("num_classes", self.num_classes, low=2))
         put("index", check_whole("index", self.index))
         put("local_steps", check_whole("local_steps", self.local_steps))
-        for name in ("batch_size", "local_batch_size", "clients", "steps", "restarts"):
+        for name in ("batch_size", "local_batch_size", "clients", "steps", "restarts", "bins"):
             put(name, check_whole(name, getattr(self, name), optional=True))
         put("local_lr", check_number("local_lr", self.local_lr))
         put("tv", check_number("tv", self.tv, low=0, optional=True))
         put("seed", check_whole("seed", self.seed, low=0, high=MAX_SEED))
+        put("sample_seed", check_whole("sample_seed", self.sample_seed, optional=True))
+        put("target_class", check_whole("target_class", self.target_class, optional=True))
         put("device", check_device("device", self.device))
         put("metrics", check_metrics(self.metrics))
         put("lpips_net", check_text("lpips_net", self.lpips_net, choices=LPIPS_NETS))
@@ -477,6 +491,8 @@ class AttackConfig:
             "steps": self.steps,
             "restarts": self.restarts,
             "tv": self.tv,
+            "bins": self.bins,
+            "target": self.target_class,
             "label_strategy": self.label_strategy,
             "dtype": self.precision,
             "device": self.device,
@@ -488,7 +504,8 @@ class AttackConfig:
             if value is None or (name not in accepted and defaults.get(name) == value):
                 continue
             if name not in accepted:
-                flag = {"dtype": "precision"}.get(name, name).replace("_", "-")
+                flag = {"dtype": "precision", "target": "target_class"}.get(name, name)
+                flag = flag.replace("_", "-")
                 raise ValueError(f"attack {self.attack} takes no --{flag}; leave it unset")
             out[name] = value
         return out
@@ -530,17 +547,21 @@ def make_config(values: dict[str, Any]) -> AttackConfig:
     return AttackConfig(**values)
 
 
-def _target_batch(cfg: AttackConfig) -> tuple[ImageData, tuple | None]:
-    """The attacked batch, and the input normalisation of a victim trained on its source."""
+def _target_batch(cfg: AttackConfig) -> tuple[ImageData, tuple | None, torch.Tensor | None]:
+    """The attacked batch, the input normalisation of a victim trained on its source,
+    and the source's other images (``None`` for image files): the public data a
+    malicious server may know (:func:`reference_images`)."""
     b = cfg.effective_batch_size
     if cfg.images:
+        if cfg.sample_seed is not None:
+            raise ValueError("sample_seed draws from a dataset; leave it unset with image files")
         batch = load_image_files(
             list(cfg.images),
             labels=list(cfg.labels) or None,
             shape=cfg.shape or (3, 32, 32),
             num_classes=cfg.num_classes,
         )
-        return batch, victim_normalization(cfg, None, batch)
+        return batch, victim_normalization(cfg, None, batch), None
     data = load_dataset(
         cfg.dataset,
         root=cfg.data_root,
@@ -554,7 +575,13 @@ def _target_batch(cfg: AttackConfig) -> tuple[ImageData, tuple | None]:
             f"dataset {cfg.dataset} has {len(data)} images; index {cfg.index} + batch size {b} "
             "runs past its end"
         )
-    batch = data.subset(list(range(cfg.index, cfg.index + b)))
+    order = list(range(len(data)))
+    if cfg.sample_seed is not None:
+        g = torch.Generator().manual_seed(cfg.sample_seed)
+        order = torch.randperm(len(data), generator=g).tolist()
+    batch = data.subset(order[cfg.index : cfg.index + b])
+    rest = order[: cfg.index] + order[cfg.index + b :]
+    reference = data.images[torch.tensor(rest, dtype=torch.int64)] if rest else None
     if cfg.labels:
         batch = dataclasses.replace(batch, labels=torch.tensor(cfg.labels, dtype=torch.int64))
     labels = batch.labels.tolist()
@@ -563,7 +590,24 @@ def _target_batch(cfg: AttackConfig) -> tuple[ImageData, tuple | None]:
             f"batch labels {labels} do not fit a victim with {cfg.num_classes} classes; "
             f"use --num-classes {max(labels) + 1} or labels below {cfg.num_classes}"
         )
-    return batch, victim_normalization(cfg, cfg.dataset, data)
+    return batch, victim_normalization(cfg, cfg.dataset, data), reference
+
+
+def server_modification(cfg: AttackConfig, attack: Any, reference: torch.Tensor | None):
+    """The model modification a malicious server sends for ``attack`` (``None``: the
+    attack assumes an honest server), set on ``reference``, the dataset's images
+    outside the batch (the public data of the clients' distribution the
+    server is assumed to know)."""
+    modify = getattr(attack, "modification", None)
+    if modify is None:
+        return None
+    if reference is None or len(reference) < 2:
+        raise ValueError(
+            f"attack {cfg.attack} (a malicious server) sets its model on public images of the "
+            "clients' distribution: take the batch from a dataset with at least 2 other images "
+            "(--dataset), not from image files"
+        )
+    return modify(reference)
 
 
 def victim_normalization(cfg: AttackConfig, dataset: str | None, data: ImageData):
@@ -648,9 +692,12 @@ def observe(cfg: AttackConfig, model, batch: ImageData) -> tuple[Observation, Gr
     return obs, gt
 
 
-def observe_round(cfg: AttackConfig, model, batch: ImageData):
+def observe_round(cfg: AttackConfig, model, batch: ImageData, modification=None):
     """:func:`observe`, also returning the clients (DP-SGD-wrapped where the config says so,
-    for :func:`defenses.privacy_report`) and the :class:`defenses.DefensePlan`."""
+    for :func:`defenses.privacy_report`) and the :class:`defenses.DefensePlan`.
+
+    ``modification``: a malicious server's (:func:`server_modification`); the
+    clients then compute, defenses and all, on the model it sends."""
     k = cfg.effective_clients
     plan = build_plan(cfg.defenses)
     n = len(batch.labels)
@@ -676,6 +723,7 @@ def observe_round(cfg: AttackConfig, model, batch: ImageData):
         clients,
         truth_listeners=[truth.append],
         seed=cfg.seed,
+        modification=modification,
         **listen,
         **plan.server_kwargs(),
     )
@@ -759,6 +807,11 @@ def resolve_threads(threads: int | str | None, model: torch.nn.Module, device: s
     return check_whole("threads", threads, low=1)
 
 
+RECOVERED_PSNR = 30.0
+"""An image counts as recovered at this PSNR (dB) or above (``summary.recovered_fraction``):
+at 30 dB a CIFAR-10 reconstruction is a visual copy of the original."""
+
+
 def run_attack(
     cfg: AttackConfig, *, progress: bool = False, threads: int | str | None = None
 ) -> dict[str, Any]:
@@ -797,7 +850,10 @@ def run_attack(
             normalize="dataset" if spec.normalize else "none",
         )
     attack = ATTACKS.build(cfg.attack, **cfg.attack_options())
-    batch, normalization = _target_batch(cfg)
+    batch, normalization, reference = _target_batch(cfg)
+    if "target" in {f.name for f in dataclasses.fields(attack)} and cfg.target_class is None:
+        attack = dataclasses.replace(attack, target=int(batch.labels[0]))  # the targeted client
+    modification = server_modification(cfg, attack, reference)
     # the metrics score this shape; LPIPS's network is loaded here, before any work
     check_scorable(batch.shape, "images of shape", metrics=cfg.metrics, lpips_net=cfg.lpips_net)
     if victim is None:
@@ -813,7 +869,7 @@ def run_attack(
     victim, converted = dp_ready(victim, cfg.defenses)
     model = victim.to(cfg.device)
     count = resolve_threads(threads, model, cfg.device)  # checked before any output
-    obs, gt, clients, plan = observe_round(cfg, model, batch)
+    obs, gt, clients, plan = observe_round(cfg, model, batch, modification)
     privacy = None
     if dp:
         from defenses.dpsgd import privacy_report
@@ -859,6 +915,8 @@ def run_attack(
             "threat": cfg.threat,
             "bn_mode": "train" if obs.protocol.train_mode else "eval",
             "clients": cfg.effective_clients,
+            "server": obs.protocol.server,
+            "sent_model": obs.model_spec.to_dict() if obs.protocol.server == "malicious" else None,
             "protocol": dataclasses.asdict(obs.protocol),
         },
         "defenses": [{name: dict(params)} for name, params in cfg.defenses],
@@ -889,6 +947,7 @@ def run_attack(
             data_range=1.0,
             metrics=cfg.metrics,
             lpips_net=cfg.lpips_net,
+            candidates=rec.candidates,
         )
     except (ValueError, RuntimeError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
@@ -916,6 +975,7 @@ def run_attack(
         "ssim": float(scores.ssim.mean()),
         "label_accuracy": label_accuracy(rec.labels.tolist(), gt.labels.tolist()),
         "label_set_accuracy": label_set_accuracy(rec.labels.tolist(), gt.labels.tolist()),
+        "recovered_fraction": float((scores.psnr >= RECOVERED_PSNR).float().mean()),
     }
     if scores.lpips is not None:  # asked for: lower is better, 0 for identical images
         for entry, value in zip(result["images"], scores.lpips.tolist()):

@@ -578,6 +578,24 @@ def match_images(reconstructed: Tensor, original: Tensor) -> Tensor:
     return torch.as_tensor(cols, dtype=torch.long, device=original.device)
 
 
+def _match_attempts(reconstructed: Tensor, original: Tensor, candidates: int) -> Tensor:
+    """:func:`match_images` of the first ``candidates`` reconstructions (each to a distinct
+    original), the originals left over taking the placeholders after them in order."""
+    b = original.shape[0]
+    if not 0 <= candidates <= b or reconstructed.shape[0] < b:
+        raise ValueError(
+            f"candidates must lie in [0, {b}] and the reconstruction hold at least {b} images; "
+            f"got {candidates} of {reconstructed.shape[0]}"
+        )
+    order = torch.full((b,), -1, dtype=torch.long, device=original.device)
+    if candidates:
+        attempts = match_images(original, reconstructed[:candidates])  # (R,) originals
+        order[attempts] = torch.arange(candidates, device=original.device)
+    left = (order < 0).nonzero().flatten()
+    order[left] = torch.arange(candidates, candidates + len(left), device=original.device)
+    return order
+
+
 @dataclass(frozen=True)
 class ImageScores:
     """Per-image scores of a reconstruction batch against the originals.
@@ -608,6 +626,7 @@ def score_images(
     metrics: Sequence[str] | str = DEFAULT_METRICS,
     lpips_net: str = "alex",
     lpips_backbone_seed: int | None = None,
+    candidates: int | None = None,
 ) -> ImageScores:
     """Match reconstructions to originals, then score each pair with PSNR, SSIM and MSE,
     and with LPIPS when asked.
@@ -627,6 +646,13 @@ def score_images(
         lpips_net: LPIPS backbone (see :func:`lpips`).
         lpips_backbone_seed: ``None`` for LPIPS proper; a seed for a random backbone in
             tests (see :func:`lpips`).
+        candidates: when only the first ``candidates`` reconstructions are attempts
+            and the rest placeholders (an attack that found fewer images than the
+            batch holds, e.g. :mod:`leakage.attacks.imprint`): the attempts are
+            matched first, to the originals they fit best, and the placeholders
+            take the originals left over. ``None``: all are attempts. Matching
+            placeholders with the rest would let a blank image "win" an original
+            whose exact reconstruction then pairs with another image.
 
     Returns:
         :class:`ImageScores` with one entry per original image.
@@ -644,7 +670,9 @@ def score_images(
         _check_lpips_options(lpips_net, lpips_backbone_seed)
         _check_images(original, "original")
         _check_lpips_images(original, lpips_net)
-    if match:
+    if match and candidates is not None and candidates < original.shape[0]:
+        order = _match_attempts(reconstructed, original, candidates)
+    elif match:
         order = match_images(reconstructed, original)
     else:
         _check_images(reconstructed, "reconstructed")

@@ -21,6 +21,7 @@ PACKAGES = [
     "fl_core",
     "fl_core.batched",
     "fl_core.flower",
+    "fl_core.malicious",
     "leakage",
     "leakage.attacks",
     "leakage.sweep",

@@ -30,6 +30,11 @@ class Reconstruction:
             ``"non-finite"``).
         options: the settings the solver ran with once defaults that depend on
             the victim were resolved (empty where a solver has none).
+        candidates: how many of ``images`` (the first ones) are reconstructions
+            when the rest are placeholders that keep the batch size (an attack
+            that found fewer images than the batch holds); ``None``: all are.
+            Scoring matches the reconstructions first
+            (:func:`leakage.metrics.score_images`).
     """
 
     images: torch.Tensor
@@ -42,6 +47,7 @@ class Reconstruction:
     evaluations: int = 0
     stopped: str = "steps"
     options: dict = field(default_factory=dict)
+    candidates: int | None = None
 
 
 class Attack(Protocol):

@@ -39,7 +39,13 @@ def test_attack_writes_three_files(tmp_path, capsys):
     files = {p.name for p in (tmp_path / "r").iterdir()}
     assert {"results.json", "reconstruction.png", "history.png"} <= files
     res = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert set(res["summary"]) == {"psnr", "ssim", "label_accuracy", "label_set_accuracy"}
+    assert set(res["summary"]) == {
+        "psnr",
+        "ssim",
+        "label_accuracy",
+        "label_set_accuracy",
+        "recovered_fraction",
+    }
     assert res["config"]["attack"] == "dlg" and res["config"]["model"] == "lenet"
     assert res["config"]["activation"] == "sigmoid" and res["seed"] == 0
     assert res["versions"]["torch"] and res["seconds"] > 0
@@ -129,7 +135,7 @@ BAD = {
     "analytic on lenet": (["--attack", "analytic"], "--model mlp"),
     "missing checkpoint": (["--checkpoint", "/nonexistent.pt"], "/nonexistent.pt"),
     "zero local steps": (["--threat", "fedavg", "--local-steps", "0"], "local_steps"),
-    "unknown defense": (["--defense", "blur:sigma=1"], "valid: dpsgd, clip"),
+    "unknown defense": (["--defense", "blur:sigma=1"], "valid: inspect, dpsgd, clip"),
     "defense parameter": (["--defense", "clip:norm=1"], "valid parameters: max_norm"),
     "defense syntax": (["--defense", "clip:max_norm"], "name:key=value"),
     "defense overflow": (["--defense", "crfl:rounds=.inf"], "whole number"),

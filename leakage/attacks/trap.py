@@ -1,0 +1,171 @@
+"""Trap weights (Boenisch, Dziedzic, Schuster, Shamsabadi, Shumailov, Papernot,
+"When the Curious Abandon Honesty: Federated Learning Is Not Private",
+EuroS&P 2023): a malicious server.
+
+Threat model: the server is malicious. It sends the global model behind a
+block of many rarely active rows (:class:`fl_core.malicious.TrapWeights`);
+the clients train it as usual. For a FedSGD batch, row i's gradients are
+
+    ∂L/∂W_i = Σ_{n fires i} c_{n,i} · x_n,    ∂L/∂b_i = Σ_{n fires i} c_{n,i},
+
+so a row fired by one image alone gives that image as the ratio of the two,
+exactly. Which rows those are is not known, but it can be read off the
+gradient: the way back to the input differs from row to row, so a row fired
+by several images gives a mixture with row-specific weights, while every row
+an image fires alone gives the same image. Candidates that agree across two
+or more rows (to ``agree`` root-mean-square, 1e-3 by default: 60 dB) are
+taken as exact images; the rest of the batch is filled with the single-row
+candidates that lie in the pixel box, then with mid-grey images.
+
+Out of scope (a clear error before any work): an observation from an honest
+server or without a trap block; a FedAvg update of more than one local step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fl_core.malicious import TrapWeights
+from fl_core.types import Observation
+
+from ..labels import update_as_gradient
+from .base import ATTACKS, Reconstruction
+from .matching import attack_labels
+
+__all__ = ["Trap", "invert_trap"]
+
+
+def _components(adjacent: torch.Tensor) -> torch.Tensor:
+    """Connected-component label of each node of a symmetric boolean adjacency matrix."""
+    label = torch.arange(len(adjacent))
+    while True:  # each node takes the smallest label among its neighbours, until stable
+        masked = torch.where(adjacent, label[None, :], len(adjacent))
+        new = torch.minimum(label, masked.min(dim=1).values)
+        new = new[new]  # jump to the label's own label: logarithmic rounds
+        if torch.equal(new, label):
+            return label
+        label = new
+
+
+def invert_trap(
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor,
+    *,
+    limit: int | None = None,
+    tol: float = 1e-6,
+    agree: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of a trap block's gradient that some rows give alone.
+
+    Args:
+        weight_grad: (R, d) gradient of the block's rows.
+        bias_grad: (R,) gradient of their biases.
+        limit: at most this many images (the batch size), the most confirmed first.
+        tol: a row is silent when its bias gradient is at most ``tol`` times the
+            largest one.
+        agree: candidates of two rows are the same image when their
+            root-mean-square difference is below this.
+
+    Returns:
+        ``(images, support)``: (M, d) float64 images, most confirmed first, and
+        the (M,) number of rows that gave each (1: unconfirmed).
+    """
+    w, b = weight_grad.double(), bias_grad.double()
+    active = torch.nonzero(b.abs() > tol * float(b.abs().max())).flatten()
+    if len(active) == 0:
+        return w.new_zeros(0, w.shape[1]), torch.zeros(0, dtype=torch.int64)
+    cand = w[active] / b[active, None]
+    rms = torch.cdist(cand, cand) / math.sqrt(cand.shape[1])
+    label = _components(rms < agree)
+    groups, support = torch.unique(label, return_counts=True)
+    images = torch.stack([cand[label == g].mean(0) for g in groups])
+    # confirmed images first (most rows), then single-row candidates inside the pixel box
+    outside = (images.clamp(0, 1) - images).abs().amax(dim=1)
+    key = torch.where(support > 1, -support.double(), outside)
+    order = torch.argsort(key, stable=True)
+    if limit is not None:
+        order = order[:limit]
+    return images[order], support[order]
+
+
+@dataclass(frozen=True)
+class Trap:
+    """The trap-weights attack; also says which modified model the server sends.
+
+    Args:
+        bins: rows of the trap block.
+        rate: share of inputs each row lets through (best near 1/batch size).
+        agree: root-mean-square agreement that confirms an image (see :func:`invert_trap`).
+        label_strategy: label recovery of :mod:`leakage.labels`.
+    """
+
+    bins: int = 1024
+    rate: float = 1 / 64
+    agree: float = 1e-3
+    label_strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.bins, int) and self.bins >= 2):
+            raise ValueError(f"trap bins must be an integer >= 2; got {self.bins!r}")
+        if not 0 < self.rate < 1:
+            raise ValueError(f"trap rate must lie in (0, 1); got {self.rate!r}")
+        if not self.agree > 0:
+            raise ValueError(f"trap agree must be positive; got {self.agree!r}")
+        if self.label_strategy == "joint":
+            raise ValueError("the trap attack reads labels with a strategy, not 'joint'")
+
+    def modification(self, reference: torch.Tensor) -> TrapWeights:
+        """The server's side: the trap block it sends, rows set on ``reference``."""
+        return TrapWeights(bins=self.bins, rate=self.rate, reference=reference)
+
+    def reconstruct(
+        self,
+        obs: Observation,
+        *,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Reconstruction:
+        """The images some trap rows give alone, confirmed ones first."""
+        spec = obs.model_spec
+        settings = dict(spec.modification)
+        if obs.protocol.server != "malicious" or settings.get("name") != "trap":
+            raise ValueError(
+                "the trap attack needs a malicious server that sent a trap block; this "
+                "observation's model has none (leakage attack --attack trap sends one)"
+            )
+        if obs.protocol.local_steps > 1:
+            raise ValueError(
+                "the trap attack reads one gradient; this update took "
+                f"{obs.protocol.local_steps} local steps (use FedSGD or one local step)"
+            )
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        n = obs.protocol.num_samples
+        k = settings["bins"]
+        weight, bias = update_as_gradient(obs, 0), update_as_gradient(obs, 1)
+        if weight.shape[0] != k or bias.shape != (k,):
+            raise ValueError("the observation's first parameters are not the trap block's rows")
+        x, support = invert_trap(weight, bias, limit=n, agree=self.agree)
+        found = len(x)
+        images = x.view(found, *spec.in_shape).float().clamp(0, 1)
+        if found < n:
+            images = torch.cat([images, torch.full((n - found, *spec.in_shape), 0.5)])
+        labels = attack_labels(obs, self.label_strategy, generator=generator)
+        return Reconstruction(
+            images=images,
+            labels=labels,
+            loss=math.nan,
+            stopped="closed-form",
+            options={
+                "bins": k,
+                "active_rows": int((bias.abs() > 0).sum()),
+                "confirmed": int((support > 1).sum()),
+            },
+            candidates=found,
+        )
+
+
+ATTACKS.register("trap")(Trap)
