@@ -66,9 +66,11 @@ __all__ = [
     "ImprintBlock",
     "Imprinted",
     "MEASUREMENTS",
+    "SPREAD",
     "TrapWeights",
     "expected_imprint_recovery",
     "imprint_thresholds",
+    "last_linear",
 ]
 
 MEASUREMENTS = ("mean", "random")
@@ -77,8 +79,11 @@ BINNINGS = ("empirical", "gaussian")
 """Where the thresholds come from: empirical quantiles of the reference images'
 measurements, or the quantiles of a normal distribution fitted to them."""
 SPREAD = 1e-3
-"""Total weight with which the block's output is added back to the input (per
-pixel, summed over rows): small, so the victim's forward pass barely changes."""
+"""Default weight with which the block's output is added back to the input (per
+pixel, summed over rows): small, so the victim's forward pass barely changes.
+The block's gradients scale with it; a server facing noisy clients may raise
+it (``spread=``) to lift them above the noise, at the cost of perturbing what
+the victim sees."""
 
 
 class ImprintBlock(nn.Module):
@@ -175,6 +180,7 @@ class Imprint:
         reference: (N, C, H, W) public images in [0, 1] from the clients' data
             distribution (the server's prior knowledge), N >= 2; the thresholds
             are quantiles of their measurements.
+        spread: the block's weight back to the input (see :data:`SPREAD`).
 
     Calling it (``Server(modification=Imprint(...))``) returns an
     :class:`Imprinted` copy of the global model with the block's weights set.
@@ -184,6 +190,7 @@ class Imprint:
     measurement: str = "mean"
     binning: str = "empirical"
     reference: torch.Tensor | None = None
+    spread: float = SPREAD
 
     def __post_init__(self) -> None:
         if not (isinstance(self.bins, int) and self.bins >= 2):
@@ -198,6 +205,8 @@ class Imprint:
                 f"unknown imprint binning {self.binning!r}; valid: {', '.join(BINNINGS)}"
             )
         _check_reference(self.reference, "imprint")
+        if not self.spread > 0:
+            raise ValueError(f"imprint spread must be positive; got {self.spread!r}")
 
     def direction(self, d: int, generator: torch.Generator) -> torch.Tensor:
         """The measurement w (d,), float64."""
@@ -222,7 +231,7 @@ class Imprint:
             block.measure.weight.copy_(w.expand(self.bins, d))
             block.measure.bias.copy_(-t)
             span = max(float(t[-1] - t[1]) if self.bins > 2 else 1.0, 1e-12)
-            block.spread.weight.fill_(SPREAD / (self.bins * span))
+            block.spread.weight.fill_(self.spread / (self.bins * span))
         return sent
 
 
@@ -266,11 +275,13 @@ class TrapWeights:
         bins: rows of the block.
         rate: share of inputs each row lets through; 1/n is best for batches of n.
         reference: (N, C, H, W) public images in [0, 1] (the server's prior knowledge).
+        spread: the block's weight back to the input (see :data:`SPREAD`).
     """
 
     bins: int = 1024
     rate: float = 1 / 64
     reference: torch.Tensor | None = None
+    spread: float = SPREAD
 
     def __post_init__(self) -> None:
         if not (isinstance(self.bins, int) and self.bins >= 2):
@@ -278,6 +289,8 @@ class TrapWeights:
         if not 0 < self.rate < 1:
             raise ValueError(f"trap rate must lie in (0, 1); got {self.rate!r}")
         _check_reference(self.reference, "trap weights")
+        if not self.spread > 0:
+            raise ValueError(f"trap spread must be positive; got {self.spread!r}")
 
     def __call__(
         self, model: nn.Module, *, round: int = 0, generator: torch.Generator | None = None
@@ -296,7 +309,7 @@ class TrapWeights:
         with torch.no_grad():
             block.measure.weight.copy_(w)
             block.measure.bias.copy_(-t)
-            block.spread.weight.copy_(v * (SPREAD / (self.bins * self.rate) / spread))
+            block.spread.weight.copy_(v * (self.spread / (self.bins * self.rate) / spread))
         return sent
 
 

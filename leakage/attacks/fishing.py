@@ -8,21 +8,27 @@ that every class but the target one is certain
 (:class:`fl_core.malicious.ClassFishing`): an image of another class then
 sends back almost no gradient into the network, and the aggregate is the
 gradient of the target class's images alone, scaled by their share of the
-aggregate. When one image of the target class was in the round (the targeted
-client's), the aggregate is that image's gradient, and a single-image attack
-recovers it; here the first layer's closed form of :mod:`.analytic`, which
-is exact for victims whose first layer is fully connected (``mlp``).
+aggregate. The target bias's gradient counts them (−m/N for m target-class
+images among N). When the targeted client's image is the only one of its
+class, the aggregate is that image's gradient, and the first layer's closed
+form of :mod:`.analytic` returns it exactly (victims whose first layer is
+fully connected: ``mlp``). With m > 1, the first layer's rows are mixtures of
+the m images, and a ReLU row active for one of them alone gives that one
+exactly; the m largest clusters of agreeing rows are returned (the analytic
+attack's batch step), among them the targeted client's. Which of the m belongs
+to which client the gradient does not say.
 
-The reconstruction is the fished image followed by mid-grey placeholders up
-to the aggregate's batch size (so the scores pair the fished image with its
-closest original); its labels are the target class throughout.
+The reconstruction is the m fished images followed by mid-grey placeholders
+up to the aggregate's batch size (so the scores pair the fished images with
+their closest originals); its labels are the target class throughout.
 
-Not built: feature fishing (the paper's second step, which separates several
-images of the target class over further rounds) and the optimisation attack
-for convolutional front-ends; several images of the target class give their
-mixture. Out of scope (a clear error before any work): an observation from an
-honest server or without fishing; a victim whose first layer is not fully
-connected; a FedAvg update of more than one local step.
+Not built: feature fishing (the paper's way to separate several images of
+the target class over further rounds, needed where the first layer does not
+separate them: sigmoid victims, or many target-class images) and the
+optimisation attack for convolutional front-ends. Out of scope (a clear
+error before any work): an observation from an honest server or without
+fishing; a victim whose first layer is not fully connected; a FedAvg update
+of more than one local step.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fl_core.malicious import ClassFishing
+from fl_core.malicious import ClassFishing, last_linear
 from fl_core.types import Observation
 
 from ..labels import update_as_gradient
@@ -86,26 +92,41 @@ class Fishing:
                 "the fishing attack reads one gradient; this update took "
                 f"{obs.protocol.local_steps} local steps (use FedSGD or one local step)"
             )
-        w_idx, b_idx = first_linear_layer(spec.build(), spec.in_shape)
+        built = spec.build()
+        w_idx, b_idx = first_linear_layer(built, spec.in_shape)
         weight, bias = update_as_gradient(obs, w_idx), update_as_gradient(obs, b_idx)
         n = obs.protocol.num_samples
         target = int(settings["target"])
         images = torch.full((n, *spec.in_shape), 0.5)
         if not bias.abs().max() > 0:  # nothing came back (a client that abstained)
             return Reconstruction(images, torch.full((n,), target), math.nan, candidates=0)
-        x, spread = invert_linear(weight, bias, 1)
+        count = self.target_count(obs, built, target)
+        x, spread = invert_linear(weight, bias, count)
         mean, std = spec.mean_std
-        images[0] = (x.double().view(*spec.in_shape) * std + mean).float().clamp(0, 1)
-        residual = float(spread[0])
+        found = (x.double().view(count, *spec.in_shape) * std + mean).float().clamp(0, 1)
+        images[:count] = found
+        finite = spread[torch.isfinite(spread)]
+        residual = float(finite.mean()) if len(finite) else math.nan
         return Reconstruction(
             images=images,
             labels=torch.full((n,), target, dtype=torch.int64),
             loss=residual,
             restart_losses=[residual],
             stopped="closed-form",
-            options={"target": target, "residual": residual},
-            candidates=1,
+            options={"target": target, "target_images": count, "residual": residual},
+            candidates=count,
         )
+
+    @staticmethod
+    def target_count(obs: Observation, model, target: int) -> int:
+        """How many images of the target class the aggregate holds: with every other
+        class certain, the target bias's gradient is −m/N for m such images of N
+        (FedSGD means weighted by the clients' sample counts)."""
+        layer = last_linear(model)
+        ids = {id(p): i for i, p in enumerate(model.parameters())}
+        grad = update_as_gradient(obs, ids[id(layer.bias)])[target]
+        m = round(-float(grad) * obs.protocol.num_samples)
+        return min(max(m, 1), obs.protocol.num_samples)
 
 
 ATTACKS.register("fishing")(Fishing)

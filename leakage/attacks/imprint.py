@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fl_core.malicious import BINNINGS, MEASUREMENTS, expected_imprint_recovery
+from fl_core.malicious import BINNINGS, MEASUREMENTS, SPREAD, expected_imprint_recovery
 from fl_core.malicious import Imprint as ImprintServer
 from fl_core.types import Observation
 
@@ -50,6 +50,8 @@ def invert_imprint(
     *,
     limit: int | None = None,
     tol: float = 1e-4,
+    measure: torch.Tensor | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One candidate per bin that some image fell into.
 
@@ -57,10 +59,16 @@ def invert_imprint(
         weight_grad: (k, d) gradient of the block's measuring rows.
         bias_grad: (k,) gradient of their biases.
         limit: at most this many candidates (the batch size), those of the
-            largest bias differences.
-        tol: a bin is empty when its bias difference is at most ``tol`` times
-            the largest bias gradient (rows with the same images may still
+            largest weight differences.
+        tol: a bin is empty when its weight difference's norm is at most
+            ``tol`` times the largest (rows with the same images may still
             differ by float rounding: the kernels sum them in different orders).
+        measure, thresholds: the block's measurement w (d,) and thresholds t
+            (k,), which the server that sent it knows. With them, a candidate
+            whose measurement falls outside its bin (the bias difference was
+            swamped, e.g. by the client's noise) is read instead as the weight
+            difference rescaled to the bin's central measurement: not exact,
+            but the image's pattern wherever the weight gradient still carries it.
 
     Returns:
         ``(candidates, bins)``: (R, d) float64 inputs and the (R,) bin index of each.
@@ -68,11 +76,22 @@ def invert_imprint(
     w, b = weight_grad.double(), bias_grad.double()
     dw = w - torch.cat([w[1:], torch.zeros_like(w[:1])])
     db = b - torch.cat([b[1:], torch.zeros_like(b[:1])])
-    scale = float(b.abs().max())
-    bins = torch.nonzero(db.abs() > tol * scale).flatten()
+    size = dw.norm(dim=1)
+    bins = torch.nonzero(size > tol * float(size.max())).flatten()
     if limit is not None and len(bins) > limit:
-        bins = bins[db[bins].abs().topk(limit).indices].sort().values
-    return dw[bins] / db[bins, None], bins
+        bins = bins[size[bins].topk(limit).indices].sort().values
+    x = dw[bins] / db[bins, None]
+    if measure is None or thresholds is None:
+        return x, bins
+    v, t = measure.double(), thresholds.double()
+    upper = torch.cat([t[1:], (2 * t[-1] - t[-2]).reshape(1)])  # the top bin's guessed end
+    m = x @ v
+    width = (upper - t)[bins]
+    top = bins == len(t) - 1  # the top bin is open above
+    consistent = (m >= t[bins] - 1e-3 * width) & ((m <= upper[bins] + 1e-3 * width) | top)
+    centre = ((t + upper) / 2)[bins]
+    scaled = dw[bins] * (centre / (dw[bins] @ v))[:, None]
+    return torch.where(consistent[:, None], x, scaled), bins
 
 
 @dataclass(frozen=True)
@@ -87,12 +106,16 @@ class Imprint:
             images' measurements (:data:`fl_core.malicious.BINNINGS`).
         label_strategy: label recovery of :mod:`leakage.labels` (labels are
             not part of the closed form).
+        spread: the block's weight back to the input, the server's choice
+            (:data:`fl_core.malicious.SPREAD`; larger lifts the block's
+            gradients above the clients' noise).
     """
 
     bins: int = 128
     measurement: str = "mean"
     binning: str = "empirical"
     label_strategy: str = "auto"
+    spread: float = SPREAD
 
     def __post_init__(self) -> None:
         if not (isinstance(self.bins, int) and self.bins >= 2):
@@ -112,7 +135,11 @@ class Imprint:
     def modification(self, reference: torch.Tensor) -> ImprintServer:
         """The server's side: the imprint block it sends, bins set on ``reference``."""
         return ImprintServer(
-            bins=self.bins, measurement=self.measurement, binning=self.binning, reference=reference
+            bins=self.bins,
+            measurement=self.measurement,
+            binning=self.binning,
+            reference=reference,
+            spread=self.spread,
         )
 
     def expected_recovery(self, batch: int) -> float:
@@ -146,7 +173,8 @@ class Imprint:
         weight, bias = update_as_gradient(obs, 0), update_as_gradient(obs, 1)
         if weight.shape[0] != k or bias.shape != (k,):
             raise ValueError("the observation's first parameters are not the imprint block's rows")
-        x, bins = invert_imprint(weight, bias, limit=n)
+        sent = obs.parameters  # the server's own block: measurement and thresholds
+        x, bins = invert_imprint(weight, bias, limit=n, measure=sent[0][0], thresholds=-sent[1])
         found = len(bins)
         images = x.view(found, *spec.in_shape).float().clamp(0, 1)
         if found < n:  # fewer non-empty bins than images: blanks keep the batch size

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fl_core.malicious import TrapWeights
+from fl_core.malicious import SPREAD, TrapWeights
 from fl_core.types import Observation
 
 from ..labels import update_as_gradient
@@ -100,12 +100,15 @@ class Trap:
         rate: share of inputs each row lets through (best near 1/batch size).
         agree: root-mean-square agreement that confirms an image (see :func:`invert_trap`).
         label_strategy: label recovery of :mod:`leakage.labels`.
+        spread: the block's weight back to the input, the server's choice
+            (:data:`fl_core.malicious.SPREAD`).
     """
 
     bins: int = 1024
     rate: float = 1 / 64
     agree: float = 1e-3
     label_strategy: str = "auto"
+    spread: float = SPREAD
 
     def __post_init__(self) -> None:
         if not (isinstance(self.bins, int) and self.bins >= 2):
@@ -119,7 +122,7 @@ class Trap:
 
     def modification(self, reference: torch.Tensor) -> TrapWeights:
         """The server's side: the trap block it sends, rows set on ``reference``."""
-        return TrapWeights(bins=self.bins, rate=self.rate, reference=reference)
+        return TrapWeights(bins=self.bins, rate=self.rate, reference=reference, spread=self.spread)
 
     def reconstruct(
         self,

@@ -36,7 +36,7 @@ def test_a_list_builds_hooks_in_order():
 @pytest.mark.parametrize(
     "defenses, message",
     [
-        ([{"clp": {"max_norm": 1}}], "unknown defense 'clp'; valid: inspect, dpsgd, clip, gaussian"),
+        ([{"clp": {"max_norm": 1}}], "unknown defense 'clp'; valid: inspect, dpsgd, clip"),
         ([{"clip": {}}], "defense clip needs max_norm"),
         ([{"clip": {"max_norm": 1, "norm": 2}}], "takes no norm; valid parameters: max_norm"),
         ([{"clip": {"max_norm": "big"}}], "max_norm must be a number"),

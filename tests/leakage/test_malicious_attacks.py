@@ -87,6 +87,58 @@ def test_imprint_sees_through_the_aggregate_of_many_clients():
     assert alone.sum() >= 16 and (scores.psnr[alone] >= 60).all()
 
 
+def test_a_loud_imprint_reads_images_through_the_clients_noise():
+    """A server that weighs its block's way back to the input heavily (spread 1e5) lifts
+    the rows' gradients far above local Gaussian noise of σ = 0.1 on every entry."""
+    from defenses.transforms import GaussianNoise
+
+    data, labels = images(16, 1), torch.arange(16) % 10
+    attack = ImprintAttack(bins=64, spread=1e5)
+    seen, truth = [], []
+    Server(
+        victim("mlp", activation="relu"),
+        [Client(0, data, labels)],
+        modification=attack.modification(images(2000, 2)),
+        client_defenses=[GaussianNoise(1e-1)],
+        listeners=[seen.append],
+        truth_listeners=[truth.append],
+    ).run_round()
+    rec = attack.reconstruct(seen[0])
+    scores = score_images(rec.images, truth[0].images, data_range=1.0, candidates=rec.candidates)
+    assert (scores.psnr >= 25).sum() >= 8
+    quiet = ImprintAttack(bins=64)  # the default block drowns in the same noise
+    seen.clear()
+    truth.clear()
+    Server(
+        victim("mlp", activation="relu"),
+        [Client(0, data, labels)],
+        modification=quiet.modification(images(2000, 2)),
+        client_defenses=[GaussianNoise(1e-1)],
+        listeners=[seen.append],
+        truth_listeners=[truth.append],
+    ).run_round()
+    rec = quiet.reconstruct(seen[0])
+    drowned = score_images(rec.images, truth[0].images, data_range=1.0, candidates=rec.candidates)
+    assert (drowned.psnr >= 25).sum() == 0
+
+
+def test_a_swamped_bias_difference_falls_back_to_the_bins_brightness():
+    """Bias gradients ruined, weight gradients intact: each image comes back as its weight
+    difference rescaled to its bin's central brightness, off only by the bin's width."""
+    x = torch.tensor([[0.2, 0.4], [0.5, 0.7]], dtype=torch.float64)  # brightness 0.3, 0.6
+    t = torch.tensor([-1.0, 0.25, 0.35, 0.55, 0.65])  # bins [.25,.35) and [.55,.65)
+    fires = torch.tensor([[1, 1], [1, 1], [0, 1], [0, 1], [0, 0]]).double()
+    c = torch.tensor([2.0, -3.0], dtype=torch.float64)
+    w, b = fires @ (c[:, None] * x), fires @ c
+    spoiled = b + torch.tensor([0.0, 0.0, 0.0, 50.0, 0.0], dtype=torch.float64)
+    v = torch.full((2,), 0.5, dtype=torch.float64)
+    ratio, _ = invert_imprint(w, spoiled)
+    assert not torch.allclose(ratio[1], x[1], atol=0.1)  # the plain ratio is ruined
+    found, bins = invert_imprint(w, spoiled, measure=v, thresholds=t)
+    assert bins.tolist() == [1, 3]
+    assert torch.allclose(found, x, atol=1e-12)  # both sit at their bin's centre brightness
+
+
 def test_invert_imprint_reads_a_synthetic_layer():
     """Rows fire for the images above their threshold; bins 1 and 3 hold one image each."""
     x = torch.tensor([[1.0, 2.0], [3.0, 5.0], [7.0, 11.0]], dtype=torch.float64)
@@ -147,6 +199,19 @@ def test_class_fishing_recovers_the_target_client_through_an_aggregate_of_eight(
     rec2 = Fishing(target=4).reconstruct(obs2)
     s2 = score_images(rec2.images, truth2, data_range=1.0, candidates=1)
     assert s2.psnr.max() < 30
+
+
+def test_class_fishing_separates_several_images_of_the_target_class():
+    """Three images of class 4 among eight clients: the target bias counts them, and the
+    ReLU first layer's rows that one of them fires alone give each exactly."""
+    data, labels = images(8, 9), torch.tensor([4, 0, 4, 1, 2, 4, 6, 7])
+    attack = Fishing(target=4)
+    model = victim("mlp", activation="relu")
+    obs, truth, _ = observe(model, data, labels, attack.modification(images(100, 2)), clients=8)
+    rec = attack.reconstruct(obs)
+    assert rec.options["target_images"] == 3
+    scores = score_images(rec.images, truth, data_range=1.0, candidates=rec.candidates)
+    assert (scores.psnr[labels == 4] >= 60).all()
 
 
 def test_scoring_matches_the_attempts_before_the_placeholders():
