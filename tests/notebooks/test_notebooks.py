@@ -22,6 +22,7 @@ NAMES = [
     "02_attack_gallery.ipynb",
     "03_defenses.ipynb",
     "04_robust_aggregation.ipynb",
+    "05_malicious_server.ipynb",
 ]
 KERNEL = "python3"
 CELL_TIMEOUT = 600  # seconds; a small-budget notebook takes well under a minute in all
