@@ -205,8 +205,13 @@ class Server:
         clients_per_round: clients per round (``None``: all of them).
         server_lr: global step size; FedSGD moves θ ← θ − lr·g, FedAvg moves
             θ ← θ + lr·Δ.
-        listeners, aggregate_listeners, truth_listeners, client_defenses, aggregator,
-        post_aggregation, evaluate: hooks, see the module docstring.
+        listeners: hook (see the module docstring): each client's observation.
+        aggregate_listeners: hook: the round's aggregate observation.
+        truth_listeners: hook: each client's ground truth.
+        client_defenses: hook: transforms of each update before it leaves.
+        aggregator: hook: the aggregation rule (FedAvg by default).
+        post_aggregation: hook: changes of the new global parameters.
+        evaluate: hook: metrics of the global model after each round.
         seed: the root of every random draw in the run (client sampling, batch
             choice, defense noise).
         engine: how the sampled clients compute: ``"loop"`` one after the other

@@ -14,7 +14,7 @@ runtime loads by reference, so the clients can be real machines:
   building the run's clients from the same config (the data must be readable
   on each SuperNode's machine; each node uses only its own partition).
 
-The recipe is in the README ("Past one machine").
+The recipe is in docs/scaling.md ("Past one machine").
 """
 
 from __future__ import annotations

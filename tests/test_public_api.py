@@ -2,7 +2,7 @@
 
 Each package declares its public names in a sorted ``__all__`` and every listed
 name exists; imports run one way, app -> library -> defenses -> fl_core (the
-README's Layout section).
+architecture page, docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Every number the README states comes from a committed results file.
+"""Every number the README and the documentation state comes from a committed results file.
 
-Two checks: every path under ``benchmarks/results/`` that the README, the
-reproduction report or a notebook names (or links to) exists in the
-repository; and the README's tables of measured numbers equal, to the digits
-they print, the committed summary files their paragraphs cite.
+Two checks: every path under ``benchmarks/results/`` that the README, a
+documentation page (``docs/``), the reproduction report or a notebook names (or
+links to) exists in the repository; and the tables of measured numbers equal,
+to the digits they print, the committed summary files their paragraphs cite.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-DOCUMENTS = [ROOT / "README.md", ROOT / "benchmarks" / "REPRODUCTION.md"]
+PAGES = sorted(p for p in (ROOT / "docs").glob("*.md") if not p.is_symlink())
+DOCUMENTS = [ROOT / "README.md", ROOT / "benchmarks" / "REPRODUCTION.md", *PAGES]
 DOCUMENTS += sorted((ROOT / "notebooks").glob("*.ipynb"))
+README = "\n".join(p.read_text() for p in (ROOT / "README.md", *PAGES))  # where tables are
 RESULT_PATH = re.compile(r"benchmarks/results/[A-Za-z0-9_./-]*[A-Za-z0-9_/-]")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)|src=\"([^\"]+)\"")
 

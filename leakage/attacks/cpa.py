@@ -448,10 +448,20 @@ class CPA:
             ``None``: the model's first ``nn.Linear``. A layer reading the
             flattened input gives images directly; any other is followed by
             feature inversion through the layers before it.
-        steps, lr, negentropy, mi, temperature, tv, init, domain, scale: see
-            :func:`cocktail_party`; ``domain`` applies to images (features are
+        steps: Adam steps on the unmixing matrix (see :func:`cocktail_party`,
+            as for the next eight).
+        lr: Adam's step size.
+        negentropy: weight of the negentropy term J.
+        mi: weight λ_MI of the mutual-independence penalty.
+        temperature: T of that penalty.
+        tv: weight λ_TV of the TV prior (images only).
+        init: ``"identity"`` or ``"fastica"``, the unmixing's start.
+        domain: ``"pixels"`` or ``"edges"``; applies to images (features are
             unmixed as they are).
-        feature_steps, feature_lr, feature_tv: see :func:`invert_features`.
+        scale: ``"bias"`` or ``"range"``, how each unmixed input is scaled.
+        feature_steps: steps of :func:`invert_features` (as for the next two).
+        feature_lr: its step size.
+        feature_tv: its total-variation weight.
         label_strategy: label-recovery strategy of :mod:`leakage.labels`
             (default ``"auto"``); ``"joint"`` does not apply.
     """

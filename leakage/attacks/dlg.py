@@ -98,7 +98,7 @@ def match_gradients(
         batched: run all restarts as one batched problem, or one after the
             other (default); each restart follows the same trajectory either
             way. With L-BFGS the first restart from a uniform start nearly
-            always converges (DLG on LeNet: 12 of 12 runs, see the README), so
+            always converges (DLG on LeNet: 12 of 12 runs, docs/benchmarks.md), so
             one-by-one with ``early_stop`` is cheaper on the CPU; batching pays
             off when many restarts must run anyway (``early_stop=False``, hard
             cases) and on a GPU.

@@ -1,5 +1,5 @@
-"""The notebooks run top to bottom and are committed without outputs (the README's
-Notebooks section: outputs are regenerated, never reviewed as diffs).
+"""The notebooks run top to bottom and are committed without outputs (the tutorials
+page, docs/tutorials.md: outputs are regenerated, never reviewed as diffs).
 
 Each notebook executes in a fresh ``python3`` kernel with ``LEAKAGE_NB_BUDGET=small`` (its
 quick setting) and ``OMP_NUM_THREADS=1``, from the ``notebooks/`` folder; a cell that raises
