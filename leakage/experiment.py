@@ -413,13 +413,17 @@ class AttackConfig:
         put("num_classes", check_whole("num_classes", self.num_classes, low=2))
         put("index", check_whole("index", self.index))
         put("local_steps", check_whole("local_steps", self.local_steps))
-        for name in ("batch_size", "local_batch_size", "clients", "steps", "restarts", "bins"):
+        for name in ("batch_size", "local_batch_size", "clients", "steps", "restarts"):
             put(name, check_whole(name, getattr(self, name), optional=True))
         put("local_lr", check_number("local_lr", self.local_lr))
         put("tv", check_number("tv", self.tv, low=0, optional=True))
         put("seed", check_whole("seed", self.seed, low=0, high=MAX_SEED))
-        put("sample_seed", check_whole("sample_seed", self.sample_seed, optional=True))
-        put("target_class", check_whole("target_class", self.target_class, optional=True))
+        put("bins", check_whole("bins", self.bins, low=2, optional=True))
+        put(
+            "sample_seed",
+            check_whole("sample_seed", self.sample_seed, low=0, high=MAX_SEED, optional=True),
+        )
+        put("target_class", check_whole("target_class", self.target_class, low=0, optional=True))
         put("device", check_device("device", self.device))
         put("metrics", check_metrics(self.metrics))
         put("lpips_net", check_text("lpips_net", self.lpips_net, choices=LPIPS_NETS))

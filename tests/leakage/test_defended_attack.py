@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 def _dlg_psnr(defenses) -> float:
     """DLG (100 L-BFGS steps, one restart) on the default lenet and the first sample image."""
     cfg = AttackConfig(defenses=defenses)
-    batch, _ = _target_batch(cfg)
+    batch, _, _ = _target_batch(cfg)
     model = build_model("lenet", generator=torch.Generator().manual_seed(0))
     obs, gt = observe(cfg, model, batch)
     attack = ATTACKS.build("dlg", steps=100, restarts=1)
