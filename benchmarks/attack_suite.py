@@ -25,7 +25,7 @@ in about an hour on one CPU core; they are far below the papers' (IG: 4,800-
 ``<out>/cells.jsonl`` at once; an interrupted run resumes without redoing
 finished cells, and the tables and the figure are rebuilt from that file.
 ``--workers N`` runs N cells at once (Ray, or a process pool; ``--ray-address``
-for a cluster; see :mod:`leakage.sweep`), each on ``--threads`` torch threads,
+for a cluster; see :mod:`leakage.app.sweep`), each on ``--threads`` torch threads,
 with the same records as one worker.
 
 ``--restart-cost`` measures instead what R restarts batched cost against one
@@ -52,16 +52,16 @@ import torch
 
 from fl_core import build_model, load_dataset, load_samples
 from leakage import ATTACKS, score_images
-from leakage.experiment import AttackConfig, observe
-from leakage.metrics import label_count_accuracy, label_set_accuracy
-from leakage.store import load_records, write_atomic
-from leakage.sweep import (
+from leakage.app.experiment import AttackConfig, observe
+from leakage.app.store import load_records, write_atomic
+from leakage.app.sweep import (
     ScriptFunction,
     add_parallel_args,
     check_parallel,
     parallel_options,
     run_cells,
 )
+from leakage.metrics import label_count_accuracy, label_set_accuracy
 
 VICTIMS = {  # name -> (model, activation, BatchNorm mode, trained)
     "lenet-sigmoid-raw": ("lenet", "sigmoid", "train", False),  # DLG's: no normalisation
@@ -168,7 +168,7 @@ def checkpoint_path(out: Path, victim: str) -> Path:
 def ensure_checkpoints(victims: list[str], out: Path, root: str, retrain: bool) -> dict:
     """Train (once) the checkpoints the trained victims load; returns their test accuracy."""
     from fl_core import load_checkpoint
-    from leakage.cli import main as cli
+    from leakage.app.cli import main as cli
 
     accuracy = {}
     for v in victims:
@@ -261,7 +261,7 @@ def run_cell(dataset_name, attack, victim, batch, threat, seed, root, figs: Path
 
 
 def grid_cell(cell: tuple, root: str, figs: Path) -> dict:
-    """The record of one cell, given as its ``key`` (run by :func:`leakage.sweep.run_cells`)."""
+    """The record of one cell, given as its ``key`` (run by :func:`leakage.app.sweep.run_cells`)."""
     return run_cell(*cell, root, figs)
 
 

@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 from fl_core import build_model, load_dataset  # noqa: E402
 from fl_core.data import NORMALIZATION  # noqa: E402
 from leakage import score_images  # noqa: E402
+from leakage.app.experiment import AttackConfig, observe  # noqa: E402
+from leakage.app.store import append_record, load_records, write_atomic  # noqa: E402
 from leakage.attacks.cpa import CPA  # noqa: E402
-from leakage.experiment import AttackConfig, observe  # noqa: E402
-from leakage.store import append_record, load_records, write_atomic  # noqa: E402
 
 PSNR_DB = 20.0
 SSIM_MIN = 0.6

@@ -23,8 +23,8 @@ import torch
 
 from fl_core import Client, Server, build_model, load_samples
 from leakage import build_attack, score_images
+from leakage.app.store import append_record, load_records, write_atomic
 from leakage.metrics import label_accuracy
-from leakage.store import append_record, load_records, write_atomic
 
 SUCCESS_DB = 30.0
 

@@ -1,7 +1,7 @@
 """Client updates per second of the three engines: the client loop, the batched path, Flower.
 
 One FL run per (victim, client count, engine), built from the same
-:class:`~leakage.fl_cmd.FLConfig` as ``leakage fl``: Fashion-MNIST (or any
+:class:`~leakage.app.fl_cmd.FLConfig` as ``leakage fl``: Fashion-MNIST (or any
 dataset), ``--per-client`` images per client, every client in every round.
 
 * ``loop``: the in-process server, one client after the other on a working
@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from leakage.fl_cmd import ConfigClients, FLConfig, build_run
-from leakage.store import append_record, load_records
+from leakage.app.fl_cmd import ConfigClients, FLConfig, build_run
+from leakage.app.store import append_record, load_records
 
 ENGINES = ("loop", "batched", "flower")
 TARGETS = {("batched", "flower"): 10.0, ("batched", "loop"): 3.0}

@@ -43,9 +43,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fl_core import Client, Server, build_model, load_dataset
+from leakage.app.store import write_atomic
 from leakage.labels import LABEL_STRATEGIES, ilrg, last_layer
 from leakage.metrics import label_count_accuracy, label_set_accuracy
-from leakage.store import write_atomic
 
 EXTRA = {"ilrg-paper": functools.partial(ilrg, refine_steps=0)}
 COLUMNS = ["model", "strategy", "batches", "set_accuracy", "count_accuracy", "exact", "ms"]

@@ -55,8 +55,8 @@ from fl_core import build_model, load_dataset  # noqa: E402
 from fl_core.data import NORMALIZATION  # noqa: E402
 from fl_core.malicious import expected_imprint_recovery  # noqa: E402
 from leakage import ATTACKS, score_images  # noqa: E402
-from leakage.experiment import RECOVERED_PSNR, AttackConfig, observe_round  # noqa: E402
-from leakage.store import append_record, load_records, write_atomic  # noqa: E402
+from leakage.app.experiment import RECOVERED_PSNR, AttackConfig, observe_round  # noqa: E402
+from leakage.app.store import append_record, load_records, write_atomic  # noqa: E402
 
 EXACT_PSNR = 60.0
 REFERENCE = 5000
@@ -336,7 +336,7 @@ def plot(records: list[dict], path: Path) -> None:
            title="through secure aggregation")  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from leakage.store import atomic_path
+    from leakage.app.store import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

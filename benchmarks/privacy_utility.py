@@ -22,7 +22,7 @@ without redoing finished ones, and ``--report`` rebuilds the Markdown report
 ``table.csv``, one plot per defense and the combined frontier from that file.
 Disjoint ``--families`` may run in separate processes on the same ``--out``, and
 ``--workers N`` runs N measurements at once (Ray, or a process pool;
-``--ray-address`` for a cluster; see :mod:`leakage.sweep`) with the same records.
+``--ray-address`` for a cluster; see :mod:`leakage.app.sweep`) with the same records.
 
     python benchmarks/privacy_utility.py                       # Fashion-MNIST, full grid
     python benchmarks/privacy_utility.py --families gaussian prune --images 2
@@ -50,10 +50,10 @@ from fl_core.partition import partition_iid
 from fl_core.server import Server
 from fl_core.train import evaluate_accuracy
 from leakage import ATTACKS, score_images
-from leakage.experiment import AttackConfig, dp_ready, observe_round
+from leakage.app.experiment import AttackConfig, dp_ready, observe_round
+from leakage.app.store import load_records, write_atomic
+from leakage.app.sweep import ScriptFunction, add_parallel_args, parallel_options, run_cells
 from leakage.metrics import label_accuracy
-from leakage.store import load_records, write_atomic
-from leakage.sweep import ScriptFunction, add_parallel_args, parallel_options, run_cells
 
 VARIANCES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
 GRID: dict[str, list[tuple[str, list[dict]]]] = {
@@ -208,7 +208,7 @@ _SWEEPS: dict[tuple, Sweep] = {}  # per process: the data and victim of the curr
 
 def measure(cell: tuple, args: argparse.Namespace) -> dict:
     """The record of one measurement, given as its ``record_key`` (run by
-    :func:`leakage.sweep.run_cells`, in this process or in a worker)."""
+    :func:`leakage.app.sweep.run_cells`, in this process or in a worker)."""
     dataset, family, strength, part, attack, image = cell
     settings = (args.data_root, *(getattr(args, k) for k in SETTINGS))
     if settings not in _SWEEPS:

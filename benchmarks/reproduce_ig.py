@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 from fl_core import build_model, load_dataset  # noqa: E402
 from fl_core.data import NORMALIZATION  # noqa: E402
 from leakage import ATTACKS, score_images  # noqa: E402
-from leakage.experiment import AttackConfig, observe  # noqa: E402
-from leakage.store import append_record, load_records  # noqa: E402
+from leakage.app.experiment import AttackConfig, observe  # noqa: E402
+from leakage.app.store import append_record, load_records  # noqa: E402
 
 PAPER_MEAN, PAPER_SD = 18.0, 3.3  # Geiping et al. 2020, untrained LeNet, CIFAR-10
 

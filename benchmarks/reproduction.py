@@ -1,10 +1,10 @@
 """Re-derive the source experiments on FedAvg and Byzantine robustness; write REPRODUCTION.md.
 
-Each experiment is a set of ``leakage fl`` runs (see :mod:`leakage.fl_cmd`),
+Each experiment is a set of ``leakage fl`` runs (see :mod:`leakage.app.fl_cmd`),
 each in its own folder under ``--out`` and resumable there, plus, for the
 FedAvg study, a centralised baseline; ``--workers N`` runs N of them at once
 (Ray, or a process pool; ``--ray-address`` for a cluster; see
-:mod:`leakage.sweep`). ``benchmarks/REPRODUCTION.md`` puts every
+:mod:`leakage.app.sweep`). ``benchmarks/REPRODUCTION.md`` puts every
 source claim (the studies' reported settings and numbers, kept in ``CLAIMS``) next to the lab's
 number, whichever way it falls. Each run's compact record (final accuracy, accuracy per
 evaluated round, seconds, device, its full settings) is written, as the run finishes, to the
@@ -58,9 +58,9 @@ from typing import Any
 
 import torch
 
-from leakage.fl_cmd import FLConfig, run_fl
-from leakage.store import append_record, atomic_path, load_records, write_atomic
-from leakage.sweep import ScriptFunction, add_parallel_args, parallel_options, run_cells
+from leakage.app.fl_cmd import FLConfig, run_fl
+from leakage.app.store import append_record, atomic_path, load_records, write_atomic
+from leakage.app.sweep import ScriptFunction, add_parallel_args, parallel_options, run_cells
 
 DATA = {"dataset": "fashion-mnist", "model": "cnn", "activation": "sigmoid"}
 FEDAVG_LOCAL = {"algorithm": "fedavg", "local_steps": 500, "batch_size": 20, "lr": 0.01,
@@ -386,7 +386,7 @@ def _quick(run: dict[str, Any]) -> dict[str, Any]:
 def run_one(cell: tuple[str, str], args: argparse.Namespace) -> dict[str, Any]:
     """One run (or the FedAvg study's centralised baseline), resumed in its own folder: its
     final accuracy (``None``: the baseline had finished before). Run by
-    :func:`leakage.sweep.run_cells`, in this process or in a worker."""
+    :func:`leakage.app.sweep.run_cells`, in this process or in a worker."""
     name, run_name = cell
     start = time.perf_counter()
     if run_name == "centralized":
@@ -495,7 +495,7 @@ def expected_settings(name: str, run_name: str, args: argparse.Namespace) -> dic
     ``leakage fl`` config (every default included) without where and how it was computed."""
     if run_name == "centralized":
         return _centralized_settings(args)
-    from leakage.fl_cmd import EXECUTION_KEYS
+    from leakage.app.fl_cmd import EXECUTION_KEYS
 
     skip = {"out", "data_root", "device", *EXECUTION_KEYS}
     cfg = run_config(name, run_name, args).to_dict()
@@ -528,7 +528,7 @@ def finished_record(name: str, run_name: str, args: argparse.Namespace) -> dict[
     rounds = run_config(name, run_name, args).rounds
     if recs[-1].get("round") != rounds:
         return None
-    from leakage.fl_cmd import EXECUTION_KEYS
+    from leakage.app.fl_cmd import EXECUTION_KEYS
 
     skip = {"out", "data_root", "device", *EXECUTION_KEYS}
     return {

@@ -71,9 +71,9 @@ from vs_breaching import CIFAR10_CLASSES, import_breaching  # noqa: E402
 from fl_core import Client, Server, build_model, load_image_files  # noqa: E402
 from fl_core.data import NORMALIZATION  # noqa: E402
 from leakage import ATTACKS, score_images  # noqa: E402
+from leakage.app.store import append_record, load_records, write_atomic  # noqa: E402
 from leakage.attacks.rgap import rank_analysis  # noqa: E402
 from leakage.labels import update_as_gradient  # noqa: E402
-from leakage.store import append_record, load_records, write_atomic  # noqa: E402
 
 MODEL = "cnn6"
 SHAPE = (3, 32, 32)

@@ -46,7 +46,7 @@ from vs_breaching import CIFAR10_CLASSES  # noqa: E402
 from fl_core import Client, Server, build_model, load_image_files  # noqa: E402
 from fl_core.data import NORMALIZATION  # noqa: E402
 from leakage import ATTACKS, score_images  # noqa: E402
-from leakage.store import append_record, load_records, write_atomic  # noqa: E402
+from leakage.app.store import append_record, load_records, write_atomic  # noqa: E402
 
 MODEL = "mlp"
 SHAPE = (3, 32, 32)

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from leakage.store import append_record, load_records, write_atomic  # noqa: E402
+from leakage.app.store import append_record, load_records, write_atomic  # noqa: E402
 
 BUSY = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
 

@@ -60,9 +60,9 @@ sys.path.insert(0, str(ROOT))
 from fl_core import build_model, load_dataset  # noqa: E402
 from fl_core.data import NORMALIZATION  # noqa: E402
 from leakage import score_images  # noqa: E402
+from leakage.app.experiment import AttackConfig, observe  # noqa: E402
+from leakage.app.store import append_record, load_records  # noqa: E402
 from leakage.attacks import DLG, InvertingGradients  # noqa: E402
-from leakage.experiment import AttackConfig, observe  # noqa: E402
-from leakage.store import append_record, load_records  # noqa: E402
 
 VICTIMS = {  # name -> (dataset, model, activation, BatchNorm mode, input normalisation)
     "lenet-sigmoid": ("cifar10", "lenet", "sigmoid", "train", True),

@@ -58,10 +58,10 @@ from tuning import images  # noqa: E402
 
 from fl_core import load_checkpoint  # noqa: E402
 from leakage import score_images  # noqa: E402
+from leakage.app.experiment import AttackConfig, observe  # noqa: E402
+from leakage.app.store import append_record, load_records  # noqa: E402
 from leakage.attacks.gradinversion import RECIPE  # noqa: E402
 from leakage.attacks.inverting import invert_gradients  # noqa: E402
-from leakage.experiment import AttackConfig, observe  # noqa: E402
-from leakage.store import append_record, load_records  # noqa: E402
 
 CHECKPOINT = Path("benchmarks/out/gradinversion/resnet20-relu.pt")
 BN_WEIGHTS = (0.0, 1e-3, 1e-2, 1e-1)
@@ -73,7 +73,7 @@ def trained_resnet20(path: Path, root: str):
     if not path.exists():
         from attack_suite import TRAINING
 
-        from leakage.cli import main as cli
+        from leakage.app.cli import main as cli
 
         path.parent.mkdir(parents=True, exist_ok=True)
         t = TRAINING

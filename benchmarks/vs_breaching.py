@@ -83,9 +83,9 @@ sys.path.insert(0, str(ROOT))
 from fl_core import Client, LocalTraining, Server, build_model, load_image_files  # noqa: E402
 from fl_core.data import NORMALIZATION  # noqa: E402
 from leakage import ATTACKS, score_images  # noqa: E402
+from leakage.app.experiment import AttackConfig, observe  # noqa: E402
+from leakage.app.store import append_record, load_records  # noqa: E402
 from leakage.attacks.inverting import COMPILE_STEPS  # noqa: E402
-from leakage.experiment import AttackConfig, observe  # noqa: E402
-from leakage.store import append_record, load_records  # noqa: E402
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",

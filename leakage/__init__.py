@@ -1,4 +1,12 @@
-"""Gradient-leakage attacks, label recovery, metrics, reports and the CLI."""
+"""The attacker's library: gradient-leakage attacks, label recovery, threat-model
+simulation, objectives, optimisers and metrics.
+
+The application that runs the lab (the ``leakage`` commands, experiment wiring,
+configs, sweeps, the results store, reports, the Flower apps) lives in
+:mod:`leakage.app`; it imports this library, never the other way. Its
+entry points ``AttackConfig``, ``load_config``, ``make_config`` and
+``run_attack`` are importable from here too, loaded on first use.
+"""
 
 from .attacks import (
     ATTACKS,
@@ -15,7 +23,6 @@ from .attacks import (
     Spear,
     build_attack,
 )
-from .experiment import AttackConfig, load_config, make_config, run_attack
 from .labels import LABEL_STRATEGIES, idlg_label, per_class_minimum_labels, recover_labels
 from .metrics import (
     ImageScores,
@@ -68,3 +75,16 @@ __all__ = [
     "score_images",
     "ssim",
 ]
+
+
+_APP = {"AttackConfig", "load_config", "make_config", "run_attack"}
+
+
+def __getattr__(name: str):
+    """The application's entry points, imported on first use (the library never imports
+    the application at import time)."""
+    if name in _APP:
+        from .app import experiment
+
+        return getattr(experiment, name)
+    raise AttributeError(f"module 'leakage' has no attribute {name!r}")

@@ -24,7 +24,7 @@ PACKAGES = [
     "fl_core.malicious",
     "leakage",
     "leakage.attacks",
-    "leakage.sweep",
+    "leakage.app.sweep",
     "defenses",
 ]
 
@@ -46,8 +46,10 @@ def test_all_is_sorted_unique_and_complete(package):
 
 def test_import_direction():
     """The layering: ``fl_core`` imports neither ``leakage`` nor ``defenses``;
-    ``defenses`` imports ``fl_core`` only (a fresh interpreter, so that this test
-    session's imports do not count)."""
+    ``defenses`` imports ``fl_core`` only; the attacker's library (``leakage`` and its
+    attacks, labels, metrics) never imports the application (``leakage.app``), while
+    the public API still reaches the application's entry points (a fresh
+    interpreter, so that this test session's imports do not count)."""
     code = (
         "import sys\n"
         "def loaded(*tops):\n"
@@ -56,6 +58,10 @@ def test_import_direction():
         "bad = loaded('leakage', 'defenses')\n"
         "import defenses\n"
         "bad += loaded('leakage')\n"
+        "import leakage, leakage.attacks, leakage.labels, leakage.metrics, leakage.simulate\n"
+        "bad += [m for m in sys.modules if m.startswith('leakage.app')]\n"
+        "from leakage import run_attack, AttackConfig\n"
+        "bad += [] if run_attack.__module__ == 'leakage.app.experiment' else ['run_attack']\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from leakage.sweep import load_script
+from leakage.app.sweep import load_script
 
 SUITE = load_script(Path(__file__).resolve().parents[2] / "benchmarks" / "attack_suite.py")
 

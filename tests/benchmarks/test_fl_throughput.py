@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from leakage.store import load_records
+from leakage.app.store import load_records
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fl_throughput.py"
 _spec = importlib.util.spec_from_file_location("fl_throughput", _SCRIPT)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from leakage.store import load_records
+from leakage.app.store import load_records
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reproduce_ig.py"
 _spec = importlib.util.spec_from_file_location("reproduce_ig", _SCRIPT)

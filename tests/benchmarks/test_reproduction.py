@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from leakage.store import load_records
-from leakage.sweep import load_script
+from leakage.app.store import load_records
+from leakage.app.sweep import load_script
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reproduction.py"
 _spec = importlib.util.spec_from_file_location("reproduction", _SCRIPT)

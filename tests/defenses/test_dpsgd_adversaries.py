@@ -26,7 +26,7 @@ from defenses.dpsgd import DPSGDClient
 from fl_core.adversaries import Adversary, Byzantine, LabelFlipping
 from fl_core.client import Client, LocalTraining
 from fl_core.server import client_generator
-from leakage.fl_cmd import FLConfig, build_run
+from leakage.app.fl_cmd import FLConfig, build_run
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -17,7 +17,7 @@ pytest.importorskip(
 )
 
 from fl_core.flower import run_flower  # noqa: E402
-from leakage.fl_cmd import ConfigClients, build_run, load_fl_config, run_fl  # noqa: E402
+from leakage.app.fl_cmd import ConfigClients, build_run, load_fl_config, run_fl  # noqa: E402
 
 TOL = 1e-5  # float tolerance: Ray actors compute with one thread, the test process with its own
 

@@ -16,8 +16,8 @@ import torch
 
 from fl_core import build_model, load_samples
 from leakage import InvertingGradients, score_images
+from leakage.app.experiment import AttackConfig, observe
 from leakage.attacks.best import Best, update_distance
-from leakage.experiment import AttackConfig, observe
 
 
 def _observe(model_name: str, activation: str | None = None, batch: int = 1):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fl_core import load_samples
-from leakage.cli import main
+from leakage.app.cli import main
 
 FAST = ["--steps", "15", "--restarts", "1", "--quiet"]
 needs_lpips = pytest.mark.skipif(
@@ -249,12 +249,12 @@ def test_train_then_attack_the_checkpoint(tmp_path, capsys):
 
 def _no_attack(monkeypatch):
     """Make any attack that starts fail the test: bad input must stop before it."""
-    import leakage.experiment
+    import leakage.app.experiment
 
     def never(*_, **__):
         raise AssertionError("the round was observed: the check came too late")
 
-    monkeypatch.setattr(leakage.experiment, "observe_round", never)
+    monkeypatch.setattr(leakage.app.experiment, "observe_round", never)
 
 
 def test_a_shape_too_small_to_score_stops_before_the_attack(tmp_path, capsys, monkeypatch):
@@ -283,16 +283,16 @@ def test_a_dataset_of_small_images_stops_before_the_attack(tmp_path, capsys, mon
 def test_a_scoring_failure_keeps_the_finished_attack(tmp_path, capsys, monkeypatch):
     import torch
 
-    import leakage.experiment
+    import leakage.app.experiment
 
-    real = leakage.experiment.score_images
+    real = leakage.app.experiment.score_images
 
     def fails_on_real_images(reconstructed, original, **kw):
         if float(reconstructed.abs().sum()) > 0:  # the up-front check scores blank images
             raise ValueError("metric blew up")
         return real(reconstructed, original, **kw)
 
-    monkeypatch.setattr(leakage.experiment, "score_images", fails_on_real_images)
+    monkeypatch.setattr(leakage.app.experiment, "score_images", fails_on_real_images)
     out = tmp_path / "r"
     code, _, err = run(["attack", "--out", str(out), *FAST], capsys)
     lines = err.strip().splitlines()
@@ -390,7 +390,7 @@ def test_bad_metrics_stop_before_the_attack(argv, yaml_text, needle, tmp_path, c
 
 
 def test_attack_config_checks_metrics_when_made():
-    from leakage.experiment import AttackConfig
+    from leakage.app.experiment import AttackConfig
 
     cfg = AttackConfig(metrics="lpips, ssim", lpips_net="vgg")
     assert cfg.metrics == ("psnr", "ssim", "lpips")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fl_core.models import build_model
+from leakage.app.cli import main
+from leakage.app.experiment import AttackConfig, _target_batch, observe
 from leakage.attacks import ATTACKS
-from leakage.cli import main
-from leakage.experiment import AttackConfig, _target_batch, observe
 from leakage.metrics import score_images
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from leakage.cli import main
-from leakage.fl_cmd import load_fl_config, run_fl
+from leakage.app.cli import main
+from leakage.app.fl_cmd import load_fl_config, run_fl
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -213,7 +213,7 @@ def test_a_run_started_before_a_new_key_still_resumes(tmp_path, capsys):
 def test_engine_flag_and_key_choose_where_rounds_run(tmp_path):
     import argparse
 
-    from leakage.fl_cmd import add_fl_parser, config_from_args
+    from leakage.app.fl_cmd import add_fl_parser, config_from_args
 
     parser = argparse.ArgumentParser()
     add_fl_parser(parser.add_subparsers(dest="command"))

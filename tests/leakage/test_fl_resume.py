@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import fl_core.server
-import leakage.fl_cmd
-import leakage.store
-from leakage.cli import main
-from leakage.fl_cmd import load_fl_config, run_fl
-from leakage.store import load_records
+import leakage.app.fl_cmd
+import leakage.app.store
+from leakage.app.cli import main
+from leakage.app.fl_cmd import load_fl_config, run_fl
+from leakage.app.store import load_records
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -164,12 +164,12 @@ def test_an_interrupted_rewrite_of_rounds_jsonl_keeps_the_old_file(tmp_path, mon
     out = tmp_path / "run"
     _run(out, rounds=2)
     path = out / "rounds.jsonl"
-    leakage.store.append_record(path, {"round": 3, "accuracy": 0.5, "seconds": 1.0})
-    leakage.store.append_record(path, {"round": 4, "accuracy": 0.5, "seconds": 1.0})
+    leakage.app.store.append_record(path, {"round": 3, "accuracy": 0.5, "seconds": 1.0})
+    leakage.app.store.append_record(path, {"round": 4, "accuracy": 0.5, "seconds": 1.0})
     before = path.read_bytes()  # two records past the saved state: a resume drops them
 
     calls = []
-    real = leakage.store._line
+    real = leakage.app.store._line
 
     def dies_on_the_second_line(record):
         calls.append(record)
@@ -177,7 +177,7 @@ def test_an_interrupted_rewrite_of_rounds_jsonl_keeps_the_old_file(tmp_path, mon
             raise KeyboardInterrupt  # killed in the middle of the rewrite
         return real(record)
 
-    monkeypatch.setattr(leakage.store, "_line", dies_on_the_second_line)
+    monkeypatch.setattr(leakage.app.store, "_line", dies_on_the_second_line)
     with pytest.raises(KeyboardInterrupt):
         _run(out, rounds=3)
     assert [r["round"] for r in calls] == [1, 2]  # it died writing the kept records
@@ -195,9 +195,9 @@ class _Killed(BaseException):
 
 _POINTS = [  # (owner, attribute): the calls a kill may land in
     (fl_core.server.Server, "run_round"),
-    (leakage.fl_cmd, "_evaluate"),
-    (leakage.fl_cmd, "append_record"),
-    (leakage.fl_cmd, "write_outputs"),
+    (leakage.app.fl_cmd, "_evaluate"),
+    (leakage.app.fl_cmd, "append_record"),
+    (leakage.app.fl_cmd, "write_outputs"),
     (torch, "save"),  # state.pt, written to a temporary file
     (os, "replace"),  # the temporary file moved onto state.pt, rounds.csv, ...
 ]
@@ -253,7 +253,7 @@ def test_nothing_is_written_before_the_data_and_clients_are_checked(tmp_path, ca
 
 
 def test_a_pickle_is_not_what_the_state_file_loader_accepts(tmp_path):
-    from leakage.fl_cmd import _read_state
+    from leakage.app.fl_cmd import _read_state
 
     path = tmp_path / "state.pt"
     path.write_bytes(pickle.dumps({"round": 1}, protocol=2))

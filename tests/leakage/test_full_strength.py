@@ -21,8 +21,8 @@ import torch
 from fl_core import Client, LocalTraining, Server, build_model, load_samples
 from fl_core.data import NORMALIZATION
 from leakage import Analytic, InvertingGradients, psnr, score_images
+from leakage.app.cli import main
 from leakage.attacks.inverting import VanishingGradientWarning, invert_gradients
-from leakage.cli import main
 from leakage.objectives import cosine_distance
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -232,7 +232,7 @@ def test_auto_normalisation_keeps_dlgs_victim_raw():
     """DLG's LeNet (sigmoid) takes raw pixels, as in Zhu et al.'s code; other victims, and the
     same LeNet with ReLU, carry the data's normalisation unless told otherwise."""
     from fl_core import load_samples as samples
-    from leakage.experiment import AttackConfig, victim_normalization
+    from leakage.app.experiment import AttackConfig, victim_normalization
 
     data = samples(count=1)
     assert victim_normalization(AttackConfig(), "samples", data) is None

@@ -19,9 +19,9 @@ import torch
 from fl_core import Client, LocalTraining, Server, build_model
 from fl_core.malicious import ClassFishing, TrapWeights
 from leakage import score_images
+from leakage.app.cli import main
 from leakage.attacks import Fishing, Trap, invert_imprint
 from leakage.attacks import Imprint as ImprintAttack
-from leakage.cli import main
 
 SHAPE = (3, 16, 16)
 

@@ -31,9 +31,9 @@ from fl_core import Client, Server, build_model, load_image_files, load_samples
 from fl_core.data import NORMALIZATION
 from fl_core.models import MODELS
 from leakage import psnr
+from leakage.app.cli import main
 from leakage.attacks import rgap as rgap_module
 from leakage.attacks.rgap import RGAP, rank_analysis
-from leakage.cli import main
 
 FLOOR_DB = 45.0
 

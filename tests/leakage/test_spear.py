@@ -22,9 +22,9 @@ import torch
 from fl_core import Client, Server, build_model, load_samples
 from fl_core.data import NORMALIZATION
 from leakage import score_images
+from leakage.app.cli import main
 from leakage.attacks import spear as spear_module
 from leakage.attacks.spear import Spear, spear_linear
-from leakage.cli import main
 
 
 def observe(model, images, labels):

@@ -11,15 +11,21 @@ from pathlib import Path
 
 import pytest
 
-import leakage.store
-from leakage.store import append_record, atomic_path, load_records, rewrite_records, write_atomic
+import leakage.app.store
+from leakage.app.store import (
+    append_record,
+    atomic_path,
+    load_records,
+    rewrite_records,
+    write_atomic,
+)
 
 try:
     import fcntl
 except ImportError:
     fcntl = None
 
-_STORE = Path(leakage.store.__file__)
+_STORE = Path(leakage.app.store.__file__)
 
 
 def test_round_trip_and_missing_file(tmp_path):
@@ -95,7 +101,7 @@ def test_an_interrupted_rewrite_leaves_the_old_file_whole(tmp_path, monkeypatch)
         append_record(path, {"a": i})
     before = path.read_bytes()
     calls = []
-    real = leakage.store._line
+    real = leakage.app.store._line
 
     def dies_on_the_second_line(record):
         calls.append(record)
@@ -103,7 +109,7 @@ def test_an_interrupted_rewrite_leaves_the_old_file_whole(tmp_path, monkeypatch)
             raise KeyboardInterrupt  # killed in the middle of the rewrite
         return real(record)
 
-    monkeypatch.setattr(leakage.store, "_line", dies_on_the_second_line)
+    monkeypatch.setattr(leakage.app.store, "_line", dies_on_the_second_line)
     with pytest.raises(KeyboardInterrupt):
         rewrite_records(path, [{"a": 0}, {"a": 1}])
     assert len(calls) == 2 and path.read_bytes() == before  # the old file, whole
@@ -120,7 +126,7 @@ def test_a_failed_replace_leaves_the_old_file(tmp_path, monkeypatch):
     def fails(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(leakage.store.os, "replace", fails)
+    monkeypatch.setattr(leakage.app.store.os, "replace", fails)
     with pytest.raises(OSError, match="disk full"):
         write_atomic(path, "new\n")
     with pytest.raises(OSError, match="disk full"):

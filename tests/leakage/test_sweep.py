@@ -1,4 +1,4 @@
-"""Parallel sweeps (leakage.sweep): resume, skipped cells, and the same records on any number
+"""Parallel sweeps (leakage.app.sweep): resume, skipped cells, and the same records on any number
 of workers, serially, in a process pool or on Ray; the benchmark scripts' flags."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from leakage.store import load_records
-from leakage.sweep import ScriptFunction, load_script, run_cells
+from leakage.app.store import load_records
+from leakage.app.sweep import ScriptFunction, load_script, run_cells
 
 _ROOT = Path(__file__).resolve().parents[2]
 _HERE = str(Path(__file__).resolve())
@@ -64,7 +64,7 @@ def test_serial_sweep_stores_skips_bad_cells_and_resumes(tmp_path, caplog):
     done = _serial(store)
     assert [r["cell"] for r in done] == [0, 1, 2, 3, 4, 5]  # in order, "bad" skipped
     assert load_records(store) == done and {r["threads"] for r in done} == {1}
-    skips = [r.getMessage() for r in caplog.records if r.name == "leakage.sweep"]
+    skips = [r.getMessage() for r in caplog.records if r.name == "leakage.app.sweep"]
     assert skips == ["skip bad: bad cell: give a number"]  # one line, the first of the message
     ran = []
     run_cells(CELLS, lambda c: ran.append(c) or _cell(c), store=store, key=_key)
@@ -92,7 +92,7 @@ def test_process_pool_gives_the_serial_records(tmp_path, caplog):
                      backend="process", threads=2)  # fmt: skip
     assert sorted(pool, key=_key) == serial  # bit-identical: same threads, same seeds
     assert sorted(load_records(store), key=_key) == serial
-    assert [r.getMessage() for r in caplog.records if r.name == "leakage.sweep"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "leakage.app.sweep"] == [
         "skip bad: bad cell: give a number"
     ] * 2
 
@@ -101,7 +101,7 @@ def test_a_killed_parallel_driver_loses_only_the_cells_in_flight(tmp_path):
     store = tmp_path / "cells.jsonl"
     driver = (
         "import functools\n"
-        "from leakage.sweep import ScriptFunction, run_cells\n"
+        "from leakage.app.sweep import ScriptFunction, run_cells\n"
         f"fn = functools.partial(ScriptFunction({_HERE!r}, '_slow_cell'), marker='first')\n"
         f"run_cells(range(6), fn, store={str(store)!r}, key=lambda r: r['cell'], workers=2,\n"
         "          backend='process')\n"
@@ -203,13 +203,13 @@ def test_attack_suite_with_two_workers_writes_the_same_cells(tmp_path, capsys):
 def test_a_sweep_killed_at_random_points_resumes_to_the_same_records(tmp_path, monkeypatch):
     """Seeded kill points, each in a cell or in the middle of writing a record (a cut line):
     the resumed sweep ends with every cell's record exactly once, as an uninterrupted one."""
-    import leakage.sweep
+    import leakage.app.sweep
 
     cells = list(range(8))
     straight = run_cells(cells, _cell, store=tmp_path / "straight.jsonl", key=_key)
     store = tmp_path / "killed.jsonl"
     rng = random.Random(11)
-    real_append = leakage.sweep.append_record
+    real_append = leakage.app.sweep.append_record
     kills = 0
     for _ in range(5):
         stored = {_key(r) for r in load_records(store)}
@@ -226,7 +226,7 @@ def test_a_sweep_killed_at_random_points_resumes_to_the_same_records(tmp_path, m
         fn = functools.partial(_cell, stop_at=victim) if where == "cell" else _cell
         with monkeypatch.context() as m:
             if where == "write":
-                m.setattr(leakage.sweep, "append_record", torn)
+                m.setattr(leakage.app.sweep, "append_record", torn)
             try:
                 run_cells(cells, fn, store=store, key=_key)
             except KeyboardInterrupt:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fl_core import build_model
-from leakage.cli import main
-from leakage.experiment import SMALL_VICTIM_PARAMS, resolve_threads
+from leakage.app.cli import main
+from leakage.app.experiment import SMALL_VICTIM_PARAMS, resolve_threads
 
 
 def test_auto_runs_small_victims_on_one_thread_and_leaves_large_ones():

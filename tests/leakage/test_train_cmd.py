@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fl_core import load_checkpoint, load_samples
-from leakage.train_cmd import add_train_parser, run_train
+from leakage.app.train_cmd import add_train_parser, run_train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

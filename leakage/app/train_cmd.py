@@ -2,7 +2,7 @@
 
 Attacks on a trained network (rather than on fresh weights) start from the
 checkpoint this writes; see :mod:`fl_core.checkpoint`. Two functions for
-:mod:`leakage.cli`: :func:`add_train_parser` adds the sub-command,
+:mod:`leakage.app.cli`: :func:`add_train_parser` adds the sub-command,
 :func:`run_train` runs it. Bad input raises ``ValueError`` / ``OSError``, which
 the CLI prints as one line.
 """

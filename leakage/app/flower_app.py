@@ -7,7 +7,7 @@ runtime loads by reference, so the clients can be real machines:
 
 * ``server_app`` reads the run config's ``config`` (the path of a ``leakage
   fl`` YAML file, readable on the SuperLink's machine) and ``overrides`` (a
-  JSON object of keys laid over it), then runs :func:`leakage.fl_cmd.run_fl`
+  JSON object of keys laid over it), then runs :func:`leakage.app.fl_cmd.run_fl`
   with Flower's grid: the same records, state and resumption as a local run;
 * ``client_app`` answers for the client whose id is the SuperNode's
   ``partition-id`` (``--node-config "partition-id=3 num-partitions=20"``),
@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def config_of(run_config: Any):
-    """The :class:`~leakage.fl_cmd.FLConfig` of a Flower run config (``config``, ``overrides``)."""
-    from leakage.fl_cmd import load_fl_config
+    """The :class:`~leakage.app.fl_cmd.FLConfig` of a Flower run config
+    (``config``, ``overrides``)."""
+    from leakage.app.fl_cmd import load_fl_config
 
     if "config" not in run_config:
         raise ValueError('the Flower run config needs config="path/to/run.yaml"')
@@ -41,7 +42,7 @@ def config_of(run_config: Any):
 
 
 def _source(context):
-    from leakage.fl_cmd import ConfigClients
+    from leakage.app.fl_cmd import ConfigClients
 
     return ConfigClients(json.dumps(config_of(context.run_config).to_dict()))
 
@@ -54,7 +55,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid, context) -> None:
-    from leakage.fl_cmd import run_fl
+    from leakage.app.fl_cmd import run_fl
 
     records = run_fl(config_of(context.run_config), grid=grid)
     if records:

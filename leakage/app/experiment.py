@@ -34,9 +34,9 @@ from fl_core.models import MODEL_CONVERTERS, MODELS, build_model
 from fl_core.server import Server
 from fl_core.types import GroundTruth, Observation
 
-from .attacks import ATTACKS
-from .labels import LABEL_STRATEGIES
-from .metrics import (
+from ..attacks import ATTACKS
+from ..labels import LABEL_STRATEGIES
+from ..metrics import (
     DEFAULT_METRICS,
     LPIPS_NETS,
     check_metrics,
@@ -44,8 +44,8 @@ from .metrics import (
     label_set_accuracy,
     score_images,
 )
+from ..simulate import THREAT_MODELS
 from .report import plot_history, plot_reconstruction
-from .simulate import THREAT_MODELS
 
 __all__ = [
     "BN_MODES",

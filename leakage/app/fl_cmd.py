@@ -62,7 +62,13 @@ from typing import Any
 
 import torch
 
-from leakage.store import append_record, atomic_path, load_records, rewrite_records, write_atomic
+from leakage.app.store import (
+    append_record,
+    atomic_path,
+    load_records,
+    rewrite_records,
+    write_atomic,
+)
 
 __all__ = [
     "ConfigClients",
@@ -162,7 +168,7 @@ class FLConfig:
         from defenses.config import build_plan
         from fl_core.client import WEIGHTINGS
         from fl_core.models import ACTIVATIONS, MODELS
-        from leakage.experiment import (
+        from leakage.app.experiment import (
             MAX_SEED,
             check_device,
             check_flag,
@@ -312,7 +318,7 @@ class FLConfig:
         as its signature in :mod:`fl_core.adversaries` says.
         """
         from fl_core.adversaries import ADVERSARIES
-        from leakage.experiment import MAX_SEED, check_number, check_text, check_whole
+        from leakage.app.experiment import MAX_SEED, check_number, check_text, check_whole
 
         args = dict(self.attack_args or {})
         if not args.pop("enable", True) or not args:
@@ -351,7 +357,7 @@ class FLConfig:
 
 def _check_rounds(rounds: Any) -> tuple[int, int | None] | None:
     """``attack_args: rounds``: ``[start, stop)`` of the malicious rounds, stop null: forever."""
-    from leakage.experiment import check_whole
+    from leakage.app.experiment import check_whole
 
     if rounds is None:
         return None
@@ -398,7 +404,7 @@ def _python_only(hint: Any) -> bool:
 
 def _check_typed(name: str, value: Any, hint: Any) -> Any:
     """``value`` checked (and coerced) against the type ``hint``; one-line ValueError if not."""
-    from leakage.experiment import check_number, check_whole
+    from leakage.app.experiment import check_number, check_whole
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     wrong = ValueError(f"{name} must be {_describe(hint)}; got {value!r}")
@@ -501,7 +507,7 @@ def load_fl_config(path: str | Path | None, **overrides: Any) -> FLConfig:
 
 
 def _make_config(path: str | Path | None, overrides: dict[str, Any]) -> FLConfig:
-    from leakage.experiment import read_config_file
+    from leakage.app.experiment import read_config_file
 
     data = read_config_file(path) if path is not None else {}
     data.update(overrides)
@@ -863,10 +869,10 @@ def run_fl(cfg: FLConfig, *, progress: bool = False, grid: Any = None) -> list[d
     the rounds since the last saved state, which a rerun redoes.
 
     ``grid``: a Flower ``Grid`` when called from a deployed ``ServerApp``
-    (:mod:`leakage.flower_app`): the rounds then go to the SuperNodes behind it
+    (:mod:`leakage.app.flower_app`): the rounds then go to the SuperNodes behind it
     instead of a simulation runtime this call starts.
     """
-    from leakage.experiment import prepare_out
+    from leakage.app.experiment import prepare_out
 
     out = Path(cfg.out or Path("results") / f"fl-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("rounds", "out")}
@@ -1026,7 +1032,7 @@ def add_fl_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="CONFIG",
         nargs="?",
         default=None,
-        help="YAML file (keys: see leakage.fl_cmd.FLConfig); optional when flags say it all",
+        help="YAML file (keys: see leakage.app.fl_cmd.FLConfig); optional when flags say it all",
     )
     f.add_argument("--out", default=None, help="output folder (default: new folder under results/)")
     f.add_argument("--rounds", type=int, default=None, help="override the config's rounds")

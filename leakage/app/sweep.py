@@ -3,7 +3,7 @@
 A sweep is a list of cells (hashable, e.g. a tuple of the cell's settings) and a
 function ``fn(cell) -> record`` (a JSON-able dict). :func:`run_cells` skips the
 cells whose record is already in the store (``key(record) == cell``) and runs
-the rest; the driver appends each record to the store (:mod:`leakage.store`) as
+the rest; the driver appends each record to the store (:mod:`leakage.app.store`) as
 soon as its cell finishes, so an interrupted sweep loses at most the cells in
 flight, and on resume runs only those and the ones never started.
 
@@ -182,7 +182,7 @@ def run_cells(
             function, or a :class:`ScriptFunction`, optionally in a ``functools.partial``).
             A ValueError skips the cell (one line on stderr, via logging); any other
             exception stops the sweep after the finished cells are stored.
-        store: the JSONL store (:mod:`leakage.store`), or ``None`` when ``fn`` keeps
+        store: the JSONL store (:mod:`leakage.app.store`), or ``None`` when ``fn`` keeps
             its own results (then every cell runs, and should resume itself).
         key: ``key(record)`` gives back the cell a stored record came from.
         workers: cells at once; 1 runs them in this process, in order. On a Ray
@@ -313,7 +313,7 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
             raise argparse.ArgumentTypeError(f"{value}: use a positive integer")
         return value
 
-    group = parser.add_argument_group("parallel sweeps (see leakage.sweep)")
+    group = parser.add_argument_group("parallel sweeps (see leakage.app.sweep)")
     group.add_argument(
         "--workers",
         type=positive,

@@ -1,10 +1,10 @@
 """The ``leakage`` command line.
 
 ``leakage attack`` runs one experiment end to end (see
-:mod:`leakage.experiment`); ``leakage train`` trains a victim and saves a
-checkpoint for ``leakage attack --checkpoint`` (see :mod:`leakage.train_cmd`);
+:mod:`leakage.app.experiment`); ``leakage train`` trains a victim and saves a
+checkpoint for ``leakage attack --checkpoint`` (see :mod:`leakage.app.train_cmd`);
 ``leakage fl CONFIG`` runs federated rounds with poisoning clients and
-defenses (see :mod:`leakage.fl_cmd`).
+defenses (see :mod:`leakage.app.fl_cmd`).
 Bad input ends with a one-line message on stderr and exit code 2, never a
 traceback.
 """
@@ -32,11 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     from fl_core.data import DATASETS
     from fl_core.models import ACTIVATIONS, MODELS
 
-    from .attacks import ATTACKS
+    from ..attacks import ATTACKS
+    from ..labels import LABEL_STRATEGIES
+    from ..metrics import LPIPS_NETS
+    from ..simulate import THREAT_MODELS
     from .fl_cmd import add_fl_parser
-    from .labels import LABEL_STRATEGIES
-    from .metrics import LPIPS_NETS
-    from .simulate import THREAT_MODELS
     from .train_cmd import add_train_parser
 
     p = _Parser(prog="leakage", description="Measure what federated learning leaks.")
