@@ -274,6 +274,11 @@ def _make_strategy_class():
             nodes: dict[int, int],
             on_round: Callable[[RoundRecord], None] | None = None,
         ) -> None:
+            if server.modification is not None:
+                raise ValueError(
+                    "the Flower engine sends the global model only; run a malicious server's "
+                    "modification on the in-process engine (Server.run_round)"
+                )
             missing = sorted({c.client_id for c in server.clients} - set(nodes))
             if missing:
                 raise ValueError(

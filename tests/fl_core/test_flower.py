@@ -121,3 +121,19 @@ def test_same_yaml_runs_on_both_engines_with_matching_numbers(tmp_path):
     s1 = torch.load(tmp_path / "local" / "state.pt", weights_only=False)["model"]
     s2 = torch.load(tmp_path / "flower" / "state.pt", weights_only=False)["model"]
     assert _close(list(s1.values()), list(s2.values())) < TOL
+
+
+def test_the_flower_engine_refuses_a_malicious_server():
+    """It broadcasts the global model only: a modification would silently not be sent."""
+    from fl_core import Client, Server, build_model
+    from fl_core.flower import lab_strategy
+    from fl_core.malicious import Imprint
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    server = Server(
+        build_model("lenet"),
+        [Client(0, images[:2], torch.arange(2))],
+        modification=Imprint(bins=4, reference=images),
+    )
+    with pytest.raises(ValueError, match="in-process engine"):
+        lab_strategy(server, {0: 0})
