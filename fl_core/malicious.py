@@ -68,6 +68,8 @@ __all__ = [
     "MEASUREMENTS",
     "SPREAD",
     "TrapWeights",
+    "check_imprint_settings",
+    "check_trap_settings",
     "expected_imprint_recovery",
     "imprint_thresholds",
     "last_linear",
@@ -193,20 +195,8 @@ class Imprint:
     spread: float = SPREAD
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.bins, int) and self.bins >= 2):
-            raise ValueError(f"imprint bins must be an integer >= 2; got {self.bins!r}")
-        if self.measurement not in MEASUREMENTS:
-            raise ValueError(
-                f"unknown imprint measurement {self.measurement!r}; "
-                f"valid: {', '.join(MEASUREMENTS)}"
-            )
-        if self.binning not in BINNINGS:
-            raise ValueError(
-                f"unknown imprint binning {self.binning!r}; valid: {', '.join(BINNINGS)}"
-            )
+        check_imprint_settings(self.bins, self.measurement, self.binning, self.spread)
         _check_reference(self.reference, "imprint")
-        if not self.spread > 0:
-            raise ValueError(f"imprint spread must be positive; got {self.spread!r}")
 
     def direction(self, d: int, generator: torch.Generator) -> torch.Tensor:
         """The measurement w (d,), float64."""
@@ -233,6 +223,30 @@ class Imprint:
             span = max(float(t[-1] - t[1]) if self.bins > 2 else 1.0, 1e-12)
             block.spread.weight.fill_(self.spread / (self.bins * span))
         return sent
+
+
+def check_imprint_settings(bins: int, measurement: str, binning: str, spread: float) -> None:
+    """One-line errors for an imprint block's settings (the server's and the attack's)."""
+    if not (isinstance(bins, int) and bins >= 2):
+        raise ValueError(f"imprint bins must be an integer >= 2; got {bins!r}")
+    if measurement not in MEASUREMENTS:
+        raise ValueError(
+            f"unknown imprint measurement {measurement!r}; valid: {', '.join(MEASUREMENTS)}"
+        )
+    if binning not in BINNINGS:
+        raise ValueError(f"unknown imprint binning {binning!r}; valid: {', '.join(BINNINGS)}")
+    if not spread > 0:
+        raise ValueError(f"imprint spread must be positive; got {spread!r}")
+
+
+def check_trap_settings(bins: int, rate: float, spread: float) -> None:
+    """One-line errors for a trap block's settings (the server's and the attack's)."""
+    if not (isinstance(bins, int) and bins >= 2):
+        raise ValueError(f"trap bins must be an integer >= 2; got {bins!r}")
+    if not 0 < rate < 1:
+        raise ValueError(f"trap rate must lie in (0, 1); got {rate!r}")
+    if not spread > 0:
+        raise ValueError(f"trap spread must be positive; got {spread!r}")
 
 
 def _check_reference(reference: torch.Tensor | None, what: str) -> None:
@@ -284,13 +298,8 @@ class TrapWeights:
     spread: float = SPREAD
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.bins, int) and self.bins >= 2):
-            raise ValueError(f"trap bins must be an integer >= 2; got {self.bins!r}")
-        if not 0 < self.rate < 1:
-            raise ValueError(f"trap rate must lie in (0, 1); got {self.rate!r}")
+        check_trap_settings(self.bins, self.rate, self.spread)
         _check_reference(self.reference, "trap weights")
-        if not self.spread > 0:
-            raise ValueError(f"trap spread must be positive; got {self.spread!r}")
 
     def __call__(
         self, model: nn.Module, *, round: int = 0, generator: torch.Generator | None = None

@@ -50,6 +50,24 @@ class Reconstruction:
     candidates: int | None = None
 
 
+def sent_modification(obs: Observation, name: str) -> dict:
+    """The settings of the modification ``name`` a malicious server sent, read from the
+    observation; one-line errors for an honest observation, another modification, or
+    an update of several local steps (the malicious-server attacks read one gradient)."""
+    settings = dict(obs.model_spec.modification)
+    if obs.protocol.server != "malicious" or settings.get("name") != name:
+        raise ValueError(
+            f"the {name} attack needs a malicious server that sent its {name} modification; "
+            f"this observation's model has none (leakage attack --attack {name} sends one)"
+        )
+    if obs.protocol.local_steps > 1:
+        raise ValueError(
+            f"the {name} attack reads one gradient; this update took "
+            f"{obs.protocol.local_steps} local steps (use FedSGD or one local step)"
+        )
+    return settings
+
+
 class Attack(Protocol):
     """An attack: one call from what the server sees to a reconstruction."""
 

@@ -43,7 +43,7 @@ from fl_core.types import Observation
 
 from ..labels import update_as_gradient
 from .analytic import first_linear_layer, invert_linear
-from .base import ATTACKS, Reconstruction
+from .base import ATTACKS, Reconstruction, sent_modification
 
 __all__ = ["Fishing"]
 
@@ -81,17 +81,7 @@ class Fishing:
     ) -> Reconstruction:
         """The target class's image, read off the fished aggregate's first layer."""
         spec = obs.model_spec
-        settings = dict(spec.modification)
-        if obs.protocol.server != "malicious" or settings.get("name") != "fishing":
-            raise ValueError(
-                "the fishing attack needs a malicious server that sent a fished model; this "
-                "observation's model is not one (leakage attack --attack fishing sends it)"
-            )
-        if obs.protocol.local_steps > 1:
-            raise ValueError(
-                "the fishing attack reads one gradient; this update took "
-                f"{obs.protocol.local_steps} local steps (use FedSGD or one local step)"
-            )
+        settings = sent_modification(obs, "fishing")
         built = spec.build()
         w_idx, b_idx = first_linear_layer(built, spec.in_shape)
         weight, bias = update_as_gradient(obs, w_idx), update_as_gradient(obs, b_idx)

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fl_core.malicious import BINNINGS, MEASUREMENTS, SPREAD, expected_imprint_recovery
+from fl_core.malicious import SPREAD, check_imprint_settings, expected_imprint_recovery
 from fl_core.malicious import Imprint as ImprintServer
 from fl_core.types import Observation
 
 from ..labels import update_as_gradient
-from .base import ATTACKS, Reconstruction
+from .base import ATTACKS, Reconstruction, sent_modification
 from .matching import attack_labels
 
 __all__ = ["Imprint", "invert_imprint"]
@@ -118,17 +118,7 @@ class Imprint:
     spread: float = SPREAD
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.bins, int) and self.bins >= 2):
-            raise ValueError(f"imprint bins must be an integer >= 2; got {self.bins!r}")
-        if self.measurement not in MEASUREMENTS:
-            raise ValueError(
-                f"unknown imprint measurement {self.measurement!r}; "
-                f"valid: {', '.join(MEASUREMENTS)}"
-            )
-        if self.binning not in BINNINGS:
-            raise ValueError(
-                f"unknown imprint binning {self.binning!r}; valid: {', '.join(BINNINGS)}"
-            )
+        check_imprint_settings(self.bins, self.measurement, self.binning, self.spread)
         if self.label_strategy == "joint":
             raise ValueError("the imprint attack reads labels with a strategy, not 'joint'")
 
@@ -155,17 +145,7 @@ class Imprint:
     ) -> Reconstruction:
         """The images alone in their bins, read off the imprint rows' gradients."""
         spec = obs.model_spec
-        settings = dict(spec.modification)
-        if obs.protocol.server != "malicious" or settings.get("name") != "imprint":
-            raise ValueError(
-                "the imprint attack needs a malicious server that sent an imprint block; this "
-                "observation's model has none (leakage attack --attack imprint sends one)"
-            )
-        if obs.protocol.local_steps > 1:
-            raise ValueError(
-                "the imprint attack reads one gradient; this update took "
-                f"{obs.protocol.local_steps} local steps (use FedSGD or one local step)"
-            )
+        settings = sent_modification(obs, "imprint")
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         n = obs.protocol.num_samples

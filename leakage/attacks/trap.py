@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fl_core.malicious import SPREAD, TrapWeights
+from fl_core.malicious import SPREAD, TrapWeights, check_trap_settings
 from fl_core.types import Observation
 
 from ..labels import update_as_gradient
-from .base import ATTACKS, Reconstruction
+from .base import ATTACKS, Reconstruction, sent_modification
 from .matching import attack_labels
 
 __all__ = ["Trap", "invert_trap"]
@@ -111,10 +111,7 @@ class Trap:
     spread: float = SPREAD
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.bins, int) and self.bins >= 2):
-            raise ValueError(f"trap bins must be an integer >= 2; got {self.bins!r}")
-        if not 0 < self.rate < 1:
-            raise ValueError(f"trap rate must lie in (0, 1); got {self.rate!r}")
+        check_trap_settings(self.bins, self.rate, self.spread)
         if not self.agree > 0:
             raise ValueError(f"trap agree must be positive; got {self.agree!r}")
         if self.label_strategy == "joint":
@@ -133,17 +130,7 @@ class Trap:
     ) -> Reconstruction:
         """The images some trap rows give alone, confirmed ones first."""
         spec = obs.model_spec
-        settings = dict(spec.modification)
-        if obs.protocol.server != "malicious" or settings.get("name") != "trap":
-            raise ValueError(
-                "the trap attack needs a malicious server that sent a trap block; this "
-                "observation's model has none (leakage attack --attack trap sends one)"
-            )
-        if obs.protocol.local_steps > 1:
-            raise ValueError(
-                "the trap attack reads one gradient; this update took "
-                f"{obs.protocol.local_steps} local steps (use FedSGD or one local step)"
-            )
+        settings = sent_modification(obs, "trap")
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         n = obs.protocol.num_samples
