@@ -51,9 +51,11 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fl_core.client import Client, LocalTraining, float_buffers
+from fl_core.client import Client, float_buffers
 from fl_core.models import MODEL_CONVERTERS, ModelSpec
-from fl_core.types import GroundTruth, Protocol, Update
+from fl_core.types import GroundTruth, Update
+
+from .wrapping import WrappedClient
 
 __all__ = [
     "ACCOUNTANTS",
@@ -155,7 +157,7 @@ def _noise_generator(generator: torch.Generator, device: torch.device) -> torch.
     return torch.Generator(device=device).manual_seed(seed)
 
 
-class DPSGDClient:
+class DPSGDClient(WrappedClient):
     """A client that trains with DP-SGD (Opacus) and accounts for its privacy loss.
 
     A wrapper: it holds a :class:`~fl_core.client.Client` and replaces its local
@@ -221,31 +223,6 @@ class DPSGDClient:
         self.accountant_name = accountant
         self.accountant: IAccountant = ACCOUNTANTS[accountant]()
         self.secure_mode = bool(secure_mode)
-
-    # ------------------------------------------------------------ client interface
-
-    @property
-    def client_id(self) -> int:
-        return self.client.client_id
-
-    @property
-    def images(self) -> torch.Tensor:
-        return self.client.images
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.client.labels
-
-    @property
-    def training(self) -> LocalTraining:
-        return self.client.training
-
-    def __len__(self) -> int:
-        return len(self.client)
-
-    def protocol(self) -> Protocol:
-        """The wrapped client's protocol: ``batch_size`` is the expected Poisson batch size."""
-        return self.client.protocol()
 
     # ------------------------------------------------------------ DP parameters
 

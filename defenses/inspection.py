@@ -27,6 +27,7 @@ each at a cost in what the attack recovers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -35,14 +36,21 @@ from torch import nn
 from fl_core.client import Client
 from fl_core.types import GroundTruth, Update
 
+from .wrapping import WrappedClient
+
 __all__ = ["CHECKS", "InspectingClient", "inspect_model"]
 
 CHECKS = ("architecture", "duplicate_rows", "dead_classes", "rare_units")
 
 
+@functools.lru_cache(maxsize=32)
+def _shapes_of(spec) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Parameter names and shapes of the architecture ``spec`` names (built once per spec)."""
+    return tuple((n, tuple(p.shape)) for n, p in spec.build().named_parameters())
+
+
 def _agreed_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    agreed = dataclasses.replace(model.spec, modification=()).build()
-    return {n: tuple(p.shape) for n, p in agreed.named_parameters()}
+    return dict(_shapes_of(dataclasses.replace(model.spec, modification=())))
 
 
 def _duplicate_rows(weight: torch.Tensor, *, share: float) -> bool:
@@ -123,7 +131,7 @@ def inspect_model(
 
 
 @dataclass
-class InspectingClient:
+class InspectingClient(WrappedClient):
     """A client that inspects the received model and abstains when it fails a check.
 
     A wrapper (like :class:`defenses.dpsgd.DPSGDClient`): the server uses it as a
@@ -143,28 +151,6 @@ class InspectingClient:
             raise ValueError(
                 f"unknown inspection check(s) {', '.join(unknown)}; valid: {', '.join(CHECKS)}"
             )
-
-    @property
-    def client_id(self) -> int:
-        return self.client.client_id
-
-    @property
-    def images(self) -> torch.Tensor:
-        return self.client.images
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.client.labels
-
-    @property
-    def training(self):
-        return self.client.training
-
-    def __len__(self) -> int:
-        return len(self.client)
-
-    def protocol(self):
-        return self.client.protocol()
 
     def compute_update(
         self, model: nn.Module, *, round: int = 0, generator: torch.Generator

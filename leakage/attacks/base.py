@@ -68,6 +68,27 @@ def sent_modification(obs: Observation, name: str) -> dict:
     return settings
 
 
+def block_gradients(obs: Observation, rows: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of a sent block's ``rows`` measuring rows (weight (rows, d), bias
+    (rows,)): the first two parameters of the model a malicious server sent."""
+    from ..labels import update_as_gradient
+
+    weight, bias = update_as_gradient(obs, 0), update_as_gradient(obs, 1)
+    if weight.shape[0] != rows or bias.shape != (rows,):
+        raise ValueError(f"the observation's first parameters are not the {name} block's rows")
+    return weight, bias
+
+
+def padded(found: torch.Tensor, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """``found`` (R, ...) as R images of ``shape`` in [0, 1], then mid-grey placeholders up
+    to ``n`` (an attack that found fewer images than the batch holds; see
+    :attr:`Reconstruction.candidates`)."""
+    images = found.reshape(len(found), *shape).float().clamp(0, 1)
+    if len(images) >= n:
+        return images
+    return torch.cat([images, torch.full((n - len(images), *shape), 0.5)])
+
+
 class Attack(Protocol):
     """An attack: one call from what the server sees to a reconstruction."""
 

@@ -43,7 +43,7 @@ from fl_core.types import Observation
 
 from ..labels import update_as_gradient
 from .analytic import first_linear_layer, invert_linear
-from .base import ATTACKS, Reconstruction, sent_modification
+from .base import ATTACKS, Reconstruction, padded, sent_modification
 
 __all__ = ["Fishing"]
 
@@ -87,14 +87,13 @@ class Fishing:
         weight, bias = update_as_gradient(obs, w_idx), update_as_gradient(obs, b_idx)
         n = obs.protocol.num_samples
         target = int(settings["target"])
-        images = torch.full((n, *spec.in_shape), 0.5)
         if not bias.abs().max() > 0:  # nothing came back (a client that abstained)
-            return Reconstruction(images, torch.full((n,), target), math.nan, candidates=0)
+            blank = padded(weight.new_zeros(0, 1), n, spec.in_shape)
+            return Reconstruction(blank, torch.full((n,), target), math.nan, candidates=0)
         count = self.target_count(obs, built, target)
         x, spread = invert_linear(weight, bias, count)
         mean, std = spec.mean_std
-        found = (x.double().view(count, *spec.in_shape) * std + mean).float().clamp(0, 1)
-        images[:count] = found
+        images = padded(x.double().view(count, *spec.in_shape) * std + mean, n, spec.in_shape)
         finite = spread[torch.isfinite(spread)]
         residual = float(finite.mean()) if len(finite) else math.nan
         return Reconstruction(

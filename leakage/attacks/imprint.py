@@ -37,8 +37,7 @@ from fl_core.malicious import SPREAD, check_imprint_settings, expected_imprint_r
 from fl_core.malicious import Imprint as ImprintServer
 from fl_core.types import Observation
 
-from ..labels import update_as_gradient
-from .base import ATTACKS, Reconstruction, sent_modification
+from .base import ATTACKS, Reconstruction, block_gradients, padded, sent_modification
 from .matching import attack_labels
 
 __all__ = ["Imprint", "invert_imprint"]
@@ -150,16 +149,11 @@ class Imprint:
             generator = torch.Generator().manual_seed(0)
         n = obs.protocol.num_samples
         k = settings["bins"]
-        weight, bias = update_as_gradient(obs, 0), update_as_gradient(obs, 1)
-        if weight.shape[0] != k or bias.shape != (k,):
-            raise ValueError("the observation's first parameters are not the imprint block's rows")
+        weight, bias = block_gradients(obs, k, "imprint")
         sent = obs.parameters  # the server's own block: measurement and thresholds
         x, bins = invert_imprint(weight, bias, limit=n, measure=sent[0][0], thresholds=-sent[1])
         found = len(bins)
-        images = x.view(found, *spec.in_shape).float().clamp(0, 1)
-        if found < n:  # fewer non-empty bins than images: blanks keep the batch size
-            blank = torch.full((n - found, *spec.in_shape), 0.5)
-            images = torch.cat([images, blank])
+        images = padded(x, n, spec.in_shape)  # fewer non-empty bins than images: blanks
         labels = attack_labels(obs, self.label_strategy, generator=generator)
         return Reconstruction(
             images=images,

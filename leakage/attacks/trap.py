@@ -31,8 +31,7 @@ import torch
 from fl_core.malicious import SPREAD, TrapWeights, check_trap_settings
 from fl_core.types import Observation
 
-from ..labels import update_as_gradient
-from .base import ATTACKS, Reconstruction, sent_modification
+from .base import ATTACKS, Reconstruction, block_gradients, padded, sent_modification
 from .matching import attack_labels
 
 __all__ = ["Trap", "invert_trap"]
@@ -135,14 +134,10 @@ class Trap:
             generator = torch.Generator().manual_seed(0)
         n = obs.protocol.num_samples
         k = settings["bins"]
-        weight, bias = update_as_gradient(obs, 0), update_as_gradient(obs, 1)
-        if weight.shape[0] != k or bias.shape != (k,):
-            raise ValueError("the observation's first parameters are not the trap block's rows")
+        weight, bias = block_gradients(obs, k, "trap")
         x, support = invert_trap(weight, bias, limit=n, agree=self.agree)
         found = len(x)
-        images = x.view(found, *spec.in_shape).float().clamp(0, 1)
-        if found < n:
-            images = torch.cat([images, torch.full((n - found, *spec.in_shape), 0.5)])
+        images = padded(x, n, spec.in_shape)
         labels = attack_labels(obs, self.label_strategy, generator=generator)
         return Reconstruction(
             images=images,
