@@ -1,7 +1,7 @@
 """Client updates per second of the three engines: the client loop, the batched path, Flower.
 
 One FL run per (victim, client count, engine), built from the same
-:class:`~leakage.app.fl_cmd.FLConfig` as ``leakage fl``: Fashion-MNIST (or any
+:class:`~leakage.app.fl_config.FLConfig` as ``leakage fl``: Fashion-MNIST (or any
 dataset), ``--per-client`` images per client, every client in every round.
 
 * ``loop``: the in-process server, one client after the other on a working

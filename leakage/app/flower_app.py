@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def config_of(run_config: Any):
-    """The :class:`~leakage.app.fl_cmd.FLConfig` of a Flower run config
+    """The :class:`~leakage.app.fl_config.FLConfig` of a Flower run config
     (``config``, ``overrides``)."""
     from leakage.app.fl_cmd import load_fl_config
 

@@ -325,7 +325,7 @@ def _seeded_lpips(monkeypatch, seed=0):
     def seeded(x, y, **kw):
         return real(x, y, **{**kw, "backbone_seed": seed})
 
-    monkeypatch.setattr(leakage.metrics, "lpips", seeded)
+    monkeypatch.setattr(leakage.metrics.scoring, "lpips", seeded)
     return real
 
 
@@ -409,7 +409,7 @@ def test_lpips_unavailable_stops_before_the_attack(missing, tmp_path, capsys, mo
 
     import leakage.metrics
 
-    monkeypatch.setattr(leakage.metrics, "_LPIPS_MODELS", {})
+    monkeypatch.setattr(leakage.metrics.perceptual, "_LPIPS_MODELS", {})
     if missing == "package":
         monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips -> ImportError
         needles = ["pip install 'leakage-lab[lpips]'"]

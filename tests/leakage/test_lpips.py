@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from leakage import metrics
-from leakage.metrics import _LPIPS_MIN_SIZE, LPIPS_NETS, check_metrics, lpips, score_images
+from leakage.metrics import LPIPS_NETS, check_metrics, lpips, score_images
+from leakage.metrics.perceptual import _LPIPS_MIN_SIZE
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -79,7 +80,7 @@ def _pair(seed: int, channels: int, size=(36, 40), data_range=1.0, dtype=torch.f
 @pytest.fixture
 def fresh_cache(monkeypatch):
     """An empty LPIPS model cache for one test (restored after), so the call builds."""
-    monkeypatch.setattr(metrics, "_LPIPS_MODELS", {})
+    monkeypatch.setattr(metrics.perceptual, "_LPIPS_MODELS", {})
 
 
 @needs_lpips
@@ -161,7 +162,7 @@ def test_callers_random_state_is_left_as_it_was(fresh_cache, monkeypatch):
     first = lpips(x, y, backbone_seed=3)  # builds the network: the backbone draws 2.5M numbers
     assert torch.equal(torch.get_rng_state(), before)
     assert cuda_seeded == []  # nor are the caller's CUDA generators reseeded
-    metrics._LPIPS_MODELS.clear()
+    metrics.perceptual._LPIPS_MODELS.clear()
     torch.manual_seed(99)  # another caller state, the same network
     assert torch.equal(lpips(x, y, backbone_seed=3), first)
 
@@ -209,7 +210,7 @@ def test_images_lpips_cannot_take_are_refused(shape, needle, monkeypatch):
     def too_late(*_):
         raise AssertionError("matched before the LPIPS checks")
 
-    monkeypatch.setattr(metrics, "match_images", too_late)
+    monkeypatch.setattr(metrics.scoring, "match_images", too_late)
     with pytest.raises(ValueError) as e:  # score_images checks before any scoring
         score_images(x, x, data_range=1.0, metrics="psnr,ssim,lpips", lpips_backbone_seed=0)
     assert needle in _one_line(e)
@@ -250,7 +251,7 @@ def test_missing_weights_without_network_is_one_line_oserror(
     url = AlexNet_Weights.IMAGENET1K_V1.url
     assert tried == [url] and url in text and str(tmp_path / "torch") in text
     assert "URLError" in text and "leave lpips out of the metrics" in text
-    assert metrics._LPIPS_MODELS == {}  # nothing half-built is kept
+    assert metrics.perceptual._LPIPS_MODELS == {}  # nothing half-built is kept
 
 
 @needs_lpips
