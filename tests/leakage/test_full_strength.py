@@ -106,12 +106,12 @@ def test_normalised_coordinates_box_and_pixel_output():
     a = invert_gradients(obs, coordinates="pixel", **kw)
     b = invert_gradients(obs, coordinates="normalized", **kw)
     torch.testing.assert_close(a.images, b.images)
-    from leakage.attacks.inverting import _Space
+    from leakage.attacks.inverting_loop import Space
     from leakage.attacks.matching import setup
 
     normed = build_model("lenet", normalize=CIFAR, generator=torch.Generator().manual_seed(0))
     obs, _ = observe(normed, data.images, data.labels)
-    space = _Space(obs, "normalized", setup(obs, dtype="float32", device=None, lbfgs=False))
+    space = Space(obs, "normalized", setup(obs, dtype="float32", device=None, lbfgs=False))
     z = torch.randn(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 5
     space.project_(z)
     x = space.to_pixels(z)
