@@ -26,7 +26,8 @@ from scipy.optimize import linear_sum_assignment
 
 from fl_core import Client, Server, build_model, load_dataset, load_samples
 from leakage import build_attack, score_images
-from leakage.attacks.cpa import CPA, _front_end, _rescale, cocktail_party
+from leakage.attacks.cocktail import _rescale
+from leakage.attacks.cpa import CPA, _front_end, cocktail_party
 from leakage.attacks.ica import fast_ica
 
 CIFAR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10" / "test"
