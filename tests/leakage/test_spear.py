@@ -23,7 +23,7 @@ from fl_core import Client, Server, build_model, load_samples
 from fl_core.data import NORMALIZATION
 from leakage import score_images
 from leakage.app.cli import main
-from leakage.attacks import spear as spear_module
+from leakage.attacks import spear_layer
 from leakage.attacks.spear import Spear, spear_linear
 
 
@@ -95,7 +95,7 @@ def test_a_mixture_of_kept_directions_is_not_kept():
     zeros = [d == 0 for d in deltas]
     directions = [true[0], true[1], true[2], mixture]
     patterns = [zeros[0], zeros[1], zeros[2], zeros[1] & zeros[2]]
-    *_, kept = spear_module._solve(lmat, rmat, gb, w, b, directions, patterns, batch, 1e-5)
+    *_, kept = spear_layer._solve(lmat, rmat, gb, w, b, directions, patterns, batch, 1e-5)
     assert sorted(kept) == [0, 1, 2]
 
 
