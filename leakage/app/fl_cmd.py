@@ -212,7 +212,7 @@ def run_fl(cfg: FLConfig, *, progress: bool = False, grid: Any = None) -> list[d
     (:mod:`leakage.app.flower_app`): the rounds then go to the SuperNodes behind it
     instead of a simulation runtime this call starts.
     """
-    from leakage.app.experiment import prepare_out
+    from leakage.app.outputs import prepare_out
 
     out = Path(cfg.out or Path("results") / f"fl-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("rounds", "out")}

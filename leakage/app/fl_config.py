@@ -256,7 +256,7 @@ class FLConfig:
         as its signature in :mod:`fl_core.adversaries` says.
         """
         from fl_core.adversaries import ADVERSARIES
-        from leakage.app.experiment import MAX_SEED, check_number, check_text, check_whole
+        from leakage.app.checks import MAX_SEED, check_number, check_text, check_whole
 
         args = dict(self.attack_args or {})
         if not args.pop("enable", True) or not args:

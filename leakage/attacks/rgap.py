@@ -81,7 +81,7 @@ from .base import ATTACKS, Reconstruction
 from .matching import attack_labels
 from .rgap_chain import conv_system, invert_chain, rgap_chain
 
-__all__ = ["RGAP", "LayerRank", "rank_analysis", "rgap_chain"]
+__all__ = ["LayerRank", "RGAP", "rank_analysis", "rgap_chain"]
 
 
 # ---------------------------------------------------------------- rank analysis

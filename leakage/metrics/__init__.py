@@ -36,8 +36,8 @@ from .scoring import (
 __all__ = [
     "DEFAULT_METRICS",
     "IMAGE_METRICS",
-    "LPIPS_NETS",
     "ImageScores",
+    "LPIPS_NETS",
     "check_metrics",
     "label_accuracy",
     "label_count_accuracy",

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fl_core.models import build_model
+from leakage.app.attacked_round import observe, target_batch
 from leakage.app.cli import main
-from leakage.app.experiment import AttackConfig, _target_batch, observe
+from leakage.app.config import AttackConfig
 from leakage.attacks import ATTACKS
 from leakage.metrics import score_images
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 def _dlg_psnr(defenses) -> float:
     """DLG (100 L-BFGS steps, one restart) on the default lenet and the first sample image."""
     cfg = AttackConfig(defenses=defenses)
-    batch, _, _ = _target_batch(cfg)
+    batch, _, _ = target_batch(cfg)
     model = build_model("lenet", generator=torch.Generator().manual_seed(0))
     obs, gt = observe(cfg, model, batch)
     attack = ATTACKS.build("dlg", steps=100, restarts=1)
