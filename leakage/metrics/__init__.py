@@ -21,7 +21,7 @@ References:
 
 from __future__ import annotations
 
-from .images import mse, psnr, ssim
+from .images import mse, psnr, ssim, ssim_matrix
 from .labels import label_accuracy, label_count_accuracy, label_set_accuracy
 from .perceptual import LPIPS_NETS, lpips
 from .scoring import (
@@ -48,4 +48,5 @@ __all__ = [
     "psnr",
     "score_images",
     "ssim",
+    "ssim_matrix",
 ]

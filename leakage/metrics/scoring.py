@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .images import _check_data_range, _check_images, _shown, mse, psnr, ssim
+from .images import _check_data_range, _check_images, _shown, mse, psnr, ssim, ssim_matrix
 from .perceptual import _check_lpips_images, _check_lpips_options, lpips
 
 __all__ = [
@@ -62,23 +62,42 @@ def check_metrics(metrics: Any) -> tuple[str, ...]:
     return tuple(m for m in IMAGE_METRICS if m in (*DEFAULT_METRICS, *names))
 
 
-def match_images(reconstructed: Tensor, original: Tensor) -> Tensor:
-    """Pair each original image with a distinct reconstruction at minimum total MSE.
+MATCH_BY = ("mse", "ssim")
+"""Scores :func:`match_images` can pair images by."""
+
+
+def match_images(
+    reconstructed: Tensor,
+    original: Tensor,
+    *,
+    by: str = "mse",
+    data_range: float | None = None,
+) -> Tensor:
+    """Pair each original image with a distinct reconstruction at minimum total MSE
+    (or maximum total SSIM).
 
     Solves the linear assignment problem (Kuhn, 1955) on the ``(B, R)`` matrix of
-    per-image MSE with ``scipy.optimize.linear_sum_assignment``.
+    per-image scores with ``scipy.optimize.linear_sum_assignment``; the SSIM
+    matrix comes from :func:`~leakage.metrics.images.ssim_matrix` in one call.
 
     Args:
         reconstructed: Reconstructions, shape ``(R, C, H, W)`` with ``R >= B``.
         original: Ground-truth images, shape ``(B, C, H, W)``.
+        by: ``"mse"`` (as in Zhu et al., 2019) or ``"ssim"``.
+        data_range: the pixel range, required with ``by="ssim"``.
 
     Returns:
         Long tensor ``perm`` of shape ``(B,)`` on ``original.device`` with distinct
         entries such that ``reconstructed[perm[i]]`` is matched to ``original[i]``.
 
     Raises:
-        ValueError: If the image shapes differ or ``R < B``.
+        ValueError: If the image shapes differ, ``R < B``, ``by`` is unknown or
+            ``data_range`` is missing for SSIM.
     """
+    if by not in MATCH_BY:
+        raise ValueError(f"by must be one of {', '.join(MATCH_BY)}; got {_shown(by)}")
+    if by == "ssim":
+        _check_data_range(data_range)
     _check_images(reconstructed, "reconstructed")
     _check_images(original, "original")
     if reconstructed.shape[1:] != original.shape[1:] or reconstructed.shape[0] < original.shape[0]:
@@ -86,6 +105,10 @@ def match_images(reconstructed: Tensor, original: Tensor) -> Tensor:
             "reconstructed must be (R, C, H, W) and original (B, C, H, W) with the same C, H, W "
             f"and R >= B; got {tuple(reconstructed.shape)} and {tuple(original.shape)}"
         )
+    if by == "ssim":
+        similarity = ssim_matrix(original, reconstructed, data_range=data_range)
+        _, cols = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
+        return torch.as_tensor(cols, dtype=torch.long, device=original.device)
     orig = original.to(torch.float64).flatten(1)
     recon = reconstructed.to(device=original.device, dtype=torch.float64).flatten(1)
     # Exact (non-matmul) Euclidean distances avoid cancellation for near-identical images.
