@@ -22,6 +22,8 @@ PACKAGES = [
     "fl_core.batched",
     "fl_core.flower",
     "fl_core.malicious",
+    "fl_core.models",
+    "fl_core.victims",
     "leakage",
     "leakage.attacks",
     "leakage.attacks.cocktail",
@@ -69,6 +71,9 @@ MOVED = [  # (the path callers used before a module was split, where the name li
     ("leakage.app.experiment.dp_ready", "leakage.app.attacked_round.dp_ready"),
     ("leakage.app.experiment.AttackConfig", "leakage.app.config.AttackConfig"),
     ("leakage.app.experiment.prepare_out", "leakage.app.outputs.prepare_out"),
+    ("fl_core.models.InputNormalization", "fl_core.victims.InputNormalization"),
+    ("fl_core.models.LeNet", "fl_core.victims.LeNet"),
+    ("fl_core.models.ResNet20", "fl_core.victims.ResNet20"),
 ]
 
 
