@@ -45,6 +45,8 @@ PACKAGES = [
     "leakage.app.outputs",
     "leakage.app.sweep",
     "defenses",
+    "defenses.crfl",
+    "defenses.crfl_certificate",
 ]
 
 MOVED = [  # (the path callers used before a module was split, where the name lives now)
@@ -74,6 +76,9 @@ MOVED = [  # (the path callers used before a module was split, where the name li
     ("fl_core.models.InputNormalization", "fl_core.victims.InputNormalization"),
     ("fl_core.models.LeNet", "fl_core.victims.LeNet"),
     ("fl_core.models.ResNet20", "fl_core.victims.ResNet20"),
+    ("defenses.crfl.ThreatModel", "defenses.crfl_certificate.ThreatModel"),
+    ("defenses.crfl.certified_radius", "defenses.crfl_certificate.certified_radius"),
+    ("defenses.crfl.top_two_bounds", "defenses.crfl_certificate.top_two_bounds"),
 ]
 
 
