@@ -19,6 +19,8 @@ from fl_core import Client, LocalTraining, Server, Update, build_model
 
 PACKAGES = [
     "fl_core",
+    "fl_core.adversaries",
+    "fl_core.adversary_base",
     "fl_core.batched",
     "fl_core.flower",
     "fl_core.malicious",
@@ -76,6 +78,8 @@ MOVED = [  # (the path callers used before a module was split, where the name li
     ("fl_core.models.InputNormalization", "fl_core.victims.InputNormalization"),
     ("fl_core.models.LeNet", "fl_core.victims.LeNet"),
     ("fl_core.models.ResNet20", "fl_core.victims.ResNet20"),
+    ("fl_core.adversaries.Adversary", "fl_core.adversary_base.Adversary"),
+    ("fl_core.adversaries.random_update", "fl_core.adversary_base.random_update"),
     ("defenses.crfl.ThreatModel", "defenses.crfl_certificate.ThreatModel"),
     ("defenses.crfl.certified_radius", "defenses.crfl_certificate.certified_radius"),
     ("defenses.crfl.top_two_bounds", "defenses.crfl_certificate.top_two_bounds"),
