@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .data import IntArrayLike, _check_int, _int_array
+from .images import IntArrayLike, _check_int, _int_array
 
 __all__ = ["label_skew", "partition_dirichlet", "partition_iid"]
 
