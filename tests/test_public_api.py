@@ -52,6 +52,8 @@ PACKAGES = [
     "defenses",
     "defenses.crfl",
     "defenses.crfl_certificate",
+    "defenses.robust",
+    "defenses.robust_rules",
 ]
 
 MOVED = [  # (the path callers used before a module was split, where the name lives now)
@@ -89,6 +91,9 @@ MOVED = [  # (the path callers used before a module was split, where the name li
     ("defenses.crfl.ThreatModel", "defenses.crfl_certificate.ThreatModel"),
     ("defenses.crfl.certified_radius", "defenses.crfl_certificate.certified_radius"),
     ("defenses.crfl.top_two_bounds", "defenses.crfl_certificate.top_two_bounds"),
+    ("defenses.robust.krum", "defenses.robust_rules.krum"),
+    ("defenses.robust.bulyan", "defenses.robust_rules.bulyan"),
+    ("defenses.robust.geometric_median", "defenses.robust_rules.geometric_median"),
 ]
 
 
