@@ -8,8 +8,15 @@ batches from the same generators (``Client._batches``, in client order), so a
 round computed either way leaves the generators in the same state.
 
 * FedSGD: every client differentiates the mean cross-entropy of its batch at
-  the same global parameters: ``vmap(grad(loss), in_dims=(None, 0, 0))`` over
-  the clients' stacked batches ``(K, B, C, H, W)``.
+  the same global parameters. For a victim whose parameters all sit in
+  ``Conv2d`` and ``Linear`` layers (lenet, cnn, mlp) that is one forward and one
+  backward pass over all ``K·B`` samples, then each layer's weight gradient
+  summed per client from its inputs and output gradients (a batched matrix
+  product; convolutions through ``unfold``), the per-sample-gradient technique
+  of Goodfellow, "Efficient per-example gradient computations" (2015), summed
+  per client instead of per sample; no grouped convolution. Other victims take
+  ``vmap(grad(loss), in_dims=(None, 0, 0))`` over the clients' stacked batches
+  ``(K, B, C, H, W)``.
 * FedAvg: each client's parameters are stacked ``(K, *shape)`` and take
   ``local_steps`` steps of SGD with ``torch.optim.SGD``'s update written out
   (``vmap(grad(loss), in_dims=(0, 0, 0))`` per step), then the delta
@@ -36,7 +43,7 @@ from torch.func import functional_call, grad, vmap
 from .client import Client, LocalTraining, float_buffers
 from .types import GroundTruth, Update
 
-__all__ = ["batchable", "batchable_clients", "compute_updates", "sgd_step"]
+__all__ = ["batchable", "batchable_clients", "compute_updates", "group_gradients", "sgd_step"]
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +166,9 @@ def compute_updates(
                 cs = [clients[i] for i in chunk]
                 bs = [batches[i] for i in chunk]
                 if key[0] == "fedsgd":
-                    results = _fedsgd_chunk(loss_grad, glob, names, cs, bs, device, round)
+                    results = _fedsgd_chunk(
+                        loss_grad, glob, names, cs, bs, device, round, model=model
+                    )
                 else:
                     t = cs[0].training
                     results = _fedavg_chunk(loss_grad, glob, names, cs, bs, device, round, t)
@@ -291,11 +300,122 @@ def _per_client(stacked: dict[str, torch.Tensor], names: list[str]) -> list[tupl
     return out
 
 
-def _fedsgd_chunk(loss_grad, glob, names, clients, batches, device, round):
+def _layer_sums(model: nn.Module) -> list[tuple[nn.Module, str]] | None:
+    """``(layer, parameter-name prefix)`` of every Conv2d and Linear layer, when they
+    hold all of ``model``'s parameters and :func:`group_gradients` can read them."""
+    layers, owned = [], set()
+    for prefix, m in model.named_modules():
+        own = list(m.named_parameters(recurse=False))
+        if not own:
+            continue
+        if isinstance(m, nn.Linear) or (
+            isinstance(m, nn.Conv2d)
+            and m.groups == 1
+            and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)
+        ):
+            layers.append((m, f"{prefix}." if prefix else ""))
+            owned |= {id(p) for _, p in own}
+        else:
+            return None
+    if len(owned) != len(list(model.parameters())):
+        return None  # a parameter shared between layers
+    return layers
+
+
+def group_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    loss_of_logits,
+    groups: int,
+    *,
+    create_graph: bool = False,
+) -> dict[str, torch.Tensor] | None:
+    """Gradients of one loss's parts, one part per group of samples, in one pass.
+
+    ``x`` (G·B, ...) holds ``groups`` consecutive groups of B samples and
+    ``loss_of_logits`` maps the model's logits (G·B, K) to a scalar that is a sum
+    of one term per group, each depending on its own group's logits only (the
+    clients' mean losses of a FedSGD round, a simulation's restarts). Returns the
+    gradient of each group's term with respect to every parameter, (G, *shape)
+    per parameter name, in ``model.named_parameters()`` order.
+
+    One forward and one backward pass over all G·B samples give each layer's
+    output gradient; each Conv2d and Linear weight gradient is then summed over
+    the samples of each group from the layer's inputs (a batched matrix product,
+    through ``unfold`` for convolutions): the per-example gradient technique of
+    Goodfellow, "Efficient per-example gradient computations" (arXiv:1510.01799,
+    2015), summed per group, with no grouped convolution. ``create_graph`` keeps
+    the result differentiable in ``x`` (gradient matching).
+
+    Returns ``None`` when the model is not one of Conv2d and Linear layers that
+    each run once on a 2-D (Linear) or 4-D (Conv2d) input, where the sums would
+    be wrong; the caller then computes the gradients another way.
+    """
+    layers = _layer_sums(model)
+    if layers is None or len(x) % groups:
+        return None
+    b = len(x) // groups
+    seen: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def keep(module, inputs, output):
+        seen.setdefault(module, []).append((inputs[0], output))
+
+    hooks = [m.register_forward_hook(keep) for m, _ in layers]
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    calls = [seen.get(m, []) for m, _ in layers]
+    if any(len(c) != 1 for c in calls) or any(
+        isinstance(m, nn.Linear) and c[0][0].dim() != 2 for (m, _), c in zip(layers, calls)
+    ):
+        return None
+    with torch.enable_grad():
+        loss = loss_of_logits(logits)
+        outputs = [c[0][1] for c in calls]
+        deltas = torch.autograd.grad(loss, outputs, create_graph=create_graph)
+    out: dict[str, torch.Tensor] = {}
+    with torch.set_grad_enabled(create_graph):
+        for (m, prefix), c, d in zip(layers, calls, deltas):
+            a = c[0][0] if create_graph else c[0][0].detach()
+            if isinstance(m, nn.Linear):
+                d = d.reshape(groups, b, -1)  # (G, B, out)
+                weight = torch.bmm(d.transpose(1, 2), a.reshape(groups, b, -1))  # (G, out, in)
+                bias = d.sum(1)
+            else:
+                cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, Ckk, L)
+                length = cols.shape[-1]
+                d = d.reshape(groups, b, m.out_channels, length)  # (G, B, O, L)
+                lhs = d.permute(0, 2, 1, 3).reshape(groups, m.out_channels, b * length)
+                rhs = cols.reshape(groups, b, -1, length).transpose(2, 3)
+                weight = torch.bmm(lhs, rhs.reshape(groups, b * length, -1))  # (G, O, Ckk)
+                weight = weight.reshape(groups, *m.weight.shape)
+                bias = d.sum((1, 3))
+            out[prefix + "weight"] = weight
+            if m.bias is not None:
+                out[prefix + "bias"] = bias
+    return {n: out[n] for n, _ in model.named_parameters()}
+
+
+def _fedsgd_chunk(loss_grad, glob, names, clients, batches, device, round, model=None):
     xs = [c.images[bs[0]] for c, bs in zip(clients, batches)]  # K x (B, C, H, W)
     ys = [c.labels[bs[0]] for c, bs in zip(clients, batches)]  # K x (B,)
     x, y = _stack_to(xs, device), _stack_to(ys, device)  # (K, B, C, H, W), (K, B)
-    grads = vmap(loss_grad, in_dims=(None, 0, 0))(glob, x, y)  # name -> (K, *shape)
+    grads = None
+    if model is not None:  # the sum of the clients' mean losses: client k's own gradient
+        b = y.shape[1]
+        labels = y.flatten()
+        grads = group_gradients(
+            model,
+            x.flatten(0, 1),
+            lambda z: F.cross_entropy(z, labels, reduction="sum") / b,
+            len(y),
+        )
+    if grads is None:
+        grads = vmap(loss_grad, in_dims=(None, 0, 0))(glob, x, y)  # name -> (K, *shape)
     out = []
     for c, tensors, xk, yk in zip(clients, _per_client(grads, names), xs, ys):
         update = Update(

@@ -73,6 +73,8 @@ class LBFGS:
         self.S, self.Y = self.SY_rows[:m], self.SY_rows[m:]
         self.SY = z.new_zeros(m, m)  # SY[a, b] = s_a · y_b over ring slots
         self.YY = z.new_zeros(m, m)
+        self.SS = z.new_zeros(m, m)
+        self._proj: torch.Tensor | None = None  # [S; Y]·g for the current gradient g
         self.slots: list[int] = []  # ring slots, oldest first
         self.evaluations = 0
         self.stopped: str | None = None
@@ -85,10 +87,12 @@ class LBFGS:
         loss, grad = yield z
         return float(loss), grad
 
-    def _direction(self, g: torch.Tensor) -> torch.Tensor:
-        """−H·g with H the compact L-BFGS inverse Hessian (BNS 1994, eq. 3.1)."""
+    def _direction(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(d, [S; Y]·d)``: d = −H·g with H the compact L-BFGS inverse Hessian (BNS
+        1994, eq. 3.1), and its projections on the history rows, from the Gram
+        matrix of the rows (no pass over the history); ``None`` without history."""
         if not self.slots:
-            return -g
+            return -g, None
         idx = torch.tensor(self.slots, device=g.device)
         sy = self.SY[idx][:, idx]  # (k, k), chronological
         r = sy.triu()
@@ -96,30 +100,52 @@ class LBFGS:
         yy = self.YY[idx][:, idx]
         gamma = d[-1] / yy[-1, -1]
         m = len(self.S)
-        both = self.SY_rows @ g  # (2m,): S·g then Y·g
+        if self._proj is None:
+            self._proj = self.SY_rows @ g  # (2m,): S·g then Y·g
+        both = self._proj
         sg, yg = both[:m][idx], both[m:][idx]  # (k,) chronological
         u = torch.linalg.solve_triangular(r, sg[:, None], upper=True)[:, 0]
         rhs = d * u + gamma * (yy @ u) - gamma * yg
         w1 = torch.linalg.solve_triangular(r.T, rhs[:, None], upper=False)[:, 0]
         ab = g.new_zeros(2 * m)
         ab[idx], ab[m + idx] = w1, -gamma * u
-        return -(gamma * g + self.SY_rows.T @ ab)
+        d = -(gamma * g + self.SY_rows.T @ ab)
+        # [S; Y]·d = −(γ·[S; Y]·g + G·ab), G = [S; Y][S; Y]ᵀ = [[SS, SY], [SYᵀ, YY]]
+        gram_ab = torch.cat(
+            [self.SS @ ab[:m] + self.SY @ ab[m:], self.SY.T @ ab[:m] + self.YY @ ab[m:]]
+        )
+        return d, -(gamma * both + gram_ab)
 
-    def _remember(self, s: torch.Tensor, y: torch.Tensor) -> None:
+    def _remember(self, s, y, g_new, proj_d, t) -> None:
+        """Store the pair (s, y) and project the new gradient on the history.
+
+        One pass over the history per iteration, for [S; Y]·g_new: the pair's own
+        projections come from it ([S; Y]·y = [S; Y]·g_new − [S; Y]·g) and from the
+        direction's ([S; Y]·s = t·[S; Y]·d), and the slot the pair replaces is
+        patched with direct dot products.
+        """
+        m = len(self.S)
+        proj_g = self._proj if self._proj is not None else self.SY_rows @ (g_new - y)
+        proj_new = self.SY_rows @ g_new  # (2m,)
+        self._proj = proj_new
         ys = float(s @ y)
         if not ys > 1e-10 * float(s.norm() * y.norm()):
             return  # no positive curvature along s: keep the old pairs
-        m = len(self.S)
         if len(self.slots) < m:
             k = len(self.slots)
         else:
             k = self.slots.pop(0)
         self.slots.append(k)
+        ps = t * proj_d if proj_d is not None else self.SY_rows @ s  # (2m,): [S; Y]·s
+        py = proj_new - proj_g  # (2m,): [S; Y]·y
         self.S[k], self.Y[k] = s, y
-        ps, py = self.SY_rows @ s, self.SY_rows @ y  # (2m,): [S; Y]·s, [S; Y]·y
+        ss, yy = s @ s, y @ y  # the replaced slot: its own products
+        ps[k], ps[m + k], py[k], py[m + k] = ss, s @ y, s @ y, yy
         self.SY[k, :] = ps[m:]  # s_k · y_b
         self.SY[:, k] = py[:m]  # s_a · y_k
         self.YY[k, :], self.YY[:, k] = py[m:], py[m:]
+        self.SS[k, :], self.SS[:, k] = ps[:m], ps[:m]
+        proj_new[k], proj_new[m + k] = s @ g_new, y @ g_new
 
     def _line_search(self, f0, g0, d, gtd0, t):
         """Strong-Wolfe step along d (a generator, see :meth:`steps`); returns (t, f, g),
@@ -208,11 +234,11 @@ class LBFGS:
             if float(g.abs().max()) <= self.tol_grad:
                 self.stopped = "gradient"
                 break
-            d = self._direction(g)
+            d, proj_d = self._direction(g)
             gtd = float(g @ d)
             if not gtd < 0:  # memory gave no descent direction: forget it
                 self.slots.clear()
-                d, gtd = -g, -float(g @ g)
+                d, gtd, proj_d = -g, -float(g @ g), None
             t0 = self.lr if self.slots else self.lr * min(1.0, 1.0 / float(g.abs().sum()))
             t, f_new, g_new = yield from self._line_search(f, g, d, gtd, t0)
             if t == 0.0:
@@ -220,7 +246,7 @@ class LBFGS:
                 break
             s = t * d
             self.z += s
-            self._remember(s, g_new - g)
+            self._remember(s, g_new - g, g_new, proj_d, t)
             small = abs(f - f_new) < self.tol_change or float(s.abs().max()) < self.tol_change
             f, g = f_new, g_new
             if small:

@@ -24,9 +24,13 @@ around), which loses nothing while one round covers at most one epoch (the dummy
 order is free, and reconstructions are matched to the truth afterwards), but
 is only an approximation when clients reshuffle between epochs.
 
-Restarts are batched with :func:`torch.func.vmap`: R restarts cost one
-forward and one double backward over R copies of the dummy data, and each
-restart's simulated update depends on its own dummy data only.
+Restarts are batched: R restarts cost one forward and one double backward over
+R copies of the dummy data, and each restart's simulated update depends on its
+own dummy data only. FedSGD updates of a victim made of Conv2d and Linear
+layers (lenet, cnn, mlp) are separated per restart from one pass over all the
+samples (:func:`fl_core.batched.group_gradients`, batched matrix products);
+other updates and victims go through :func:`torch.func.vmap`, whose per-restart
+weight gradients are grouped convolutions.
 
 For priors on the victim's features (DeepInversion's BatchNorm-statistics
 matching, used by GradInversion, Yin et al. CVPR 2021) the simulator can also
@@ -319,7 +323,39 @@ class UpdateSimulator:
         if len(x) == 1:
             out = self.simulate_one(x[0], y[0], bn=bn)
             return (out[0][None], out[1][None]) if bn else out[None]
+        if not bn and self.kind == "gradient":
+            out = self._restart_gradients(x, y)
+            if out is not None:
+                return out
         return self.functional(x, y, bn=bn)
+
+    def _restart_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """FedSGD updates (R, d) of R restarts in one pass over their R·N samples.
+
+        The restarts' losses (each the weighted sum of its clients' mean losses)
+        add up to one loss whose per-restart parts
+        :func:`fl_core.batched.group_gradients` separates, with the graph kept:
+        for a victim of Conv2d and Linear layers this replaces vmap's grouped
+        convolutions by batched matrix products. ``None`` for other victims.
+        """
+        from fl_core.batched import group_gradients
+
+        r, n = x.shape[:2]
+        per_sample = torch.cat(  # each sample's weight in its restart's loss: w_k / n_k
+            [torch.full((size,), w / size) for w, (_, size) in zip(self.weights, self.groups)]
+        ).to(x.device, x.dtype)
+        soft = y.reshape(r * n, -1)
+        weights = per_sample.repeat(r)
+
+        def loss(logits):
+            return -(weights * (soft * F.log_softmax(logits, dim=-1)).sum(-1)).sum()
+
+        grads = group_gradients(self.model, x.reshape(r * n, *x.shape[2:]), loss, r,
+                                create_graph=True)  # fmt: skip
+        if grads is None:
+            return None
+        update = torch.cat([grads[k].reshape(r, -1) for k in self.params], dim=1)  # (R, d)
+        return update if self.support is None else update * self.support
 
     def functional(self, x: torch.Tensor, y: torch.Tensor, *, bn: bool = False):
         """:meth:`__call__` written with :mod:`torch.func` only (``vmap`` over the

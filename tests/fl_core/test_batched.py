@@ -108,6 +108,45 @@ def test_fedsgd_matches_loop(name, chunk_size):
         assert torch.equal(a.get_state(), b.get_state())
 
 
+class _Reused(nn.Module):
+    """One Linear layer applied twice: per-client sums of its one recorded call would
+    be wrong, so FedSGD must take the vmap path for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.inner = nn.Linear(3 * 12 * 12, 3 * 12 * 12)
+        torch.nn.init.normal_(self.inner.weight, std=0.02, generator=_gen(4))
+        self.head = nn.Linear(3 * 12 * 12, 10)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(self.flat(x))))))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fedsgd_of_conv_and_linear_victims_takes_no_vmap(name, monkeypatch):
+    """lenet, cnn and mlp get their FedSGD gradients from one pass over all clients'
+    samples (per-client sums of the layers' gradients), equal to the loop's."""
+    import fl_core.batched as batched
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("vmap called for a victim of Conv2d and Linear layers")
+
+    monkeypatch.setattr(batched, "vmap", refuse)
+    clients = _clients([6, 6, 5], [LocalTraining("fedsgd", batch_size=3)] * 3)
+    want, _ = _loop(_model(name), clients, [0, 1, 2], round=0)
+    got, _ = _batched(_model(name), clients, [0, 1, 2], round=0)
+    _assert_same(got, want)
+
+
+def test_fedsgd_with_a_reused_layer_falls_back_to_vmap():
+    clients = _clients([6, 4], [LocalTraining("fedsgd", batch_size=2)] * 2)
+    model = _Reused()
+    want, _ = _loop(model, clients, [0, 1], round=0)
+    got, _ = _batched(model, clients, [0, 1], round=0)
+    _assert_same(got, want)
+
+
 @pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 1e-3)])
 @pytest.mark.parametrize("name", MODELS)
 def test_fedavg_matches_loop(name, momentum, weight_decay):

@@ -1,0 +1,517 @@
+"""The lab's hot paths, each measured beside its peer in the same run on this machine.
+
+One command, four sections (``--only`` picks some):
+
+* ``scoring``: SSIM and PSNR of 64 pairs of 32x32 RGB images against
+  scikit-image's per-image loop, the B x B SSIM matrix and MSE matching against
+  the loop over every pair, one thread, with the largest difference from
+  scikit-image (the target: batched SSIM >= 10x, equal within 1e-6). LPIPS is
+  scored against the ``lpips`` package's per-image loop where its backbone
+  weights can be loaded.
+* ``restarts``: the wall time of a fixed budget with R = 1, 2, 4, 8 restarts
+  batched, against one restart (target: 8 restarts <= 3x one), for IG on the
+  sigmoid LeNet and on ResNet-18 and for lock-step DLG on the sigmoid LeNet.
+* ``dlg``: time per success (every image at PSNR >= 30 dB; total seconds over
+  successes) of the lab's DLG and iDLG at batch 1 on the sigmoid LeNet, and,
+  with ``--original-dlg PATH`` (a checkout of mit-han-lab/dlg), of the original
+  code's loop on the same network, weights and images (target: >= 10x).
+* ``engines``: client updates per second of the vmap engine against the client
+  loop (``benchmarks/fl_throughput.py``'s measurement; target: >= 3x for the
+  LeNet at 8 images per client).
+
+Threat model of the attacks: honest-but-curious server, one client's FedSGD
+gradient of one image. Every measurement is one JSON line in
+``<out>/records.jsonl``; a measured key is not remeasured without ``--again``,
+so an interrupted run resumes, and ``<out>/summary.md`` is rebuilt from the
+records alone.
+
+    python benchmarks/hot_paths.py                              # all but the original DLG
+    python benchmarks/hot_paths.py --only dlg --original-dlg ../dlg --images 6 --seeds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fl_throughput, a sibling script
+
+from fl_core import Client, Server, build_model, load_dataset, load_samples  # noqa: E402
+from leakage import ATTACKS, score_images  # noqa: E402
+from leakage.app.store import append_record, load_records, write_atomic  # noqa: E402
+from leakage.metrics import match_images, psnr, ssim, ssim_matrix  # noqa: E402
+
+SECTIONS = ("scoring", "restarts", "dlg", "engines")
+SUCCESS_DB = 30.0
+RESTARTS = (1, 2, 4, 8)
+TARGETS = {
+    "ssim": 10.0,  # lab >= 10x scikit-image's loop
+    "restarts": 3.0,  # 8 restarts <= 3x one
+    "dlg": 10.0,  # lab >= 10x the original DLG code per success
+    "engines": 3.0,  # vmap >= 3x the loop
+}
+
+
+def _machine() -> dict:
+    return {
+        "machine": platform.node(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _best_of(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls after one warm-up call, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def scoring(args, done: set, record: Callable[[dict], None]) -> None:
+    from scipy.optimize import linear_sum_assignment
+    from skimage.metrics import (
+        mean_squared_error,
+        peak_signal_noise_ratio,
+        structural_similarity,
+    )
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(args.seed)
+        b = args.pairs
+        x = torch.rand(b, 3, 32, 32, generator=g, dtype=torch.float64)
+        y = (x + 0.1 * torch.randn(b, 3, 32, 32, generator=g, dtype=torch.float64)).clamp(0, 1)
+        xn, yn = x.numpy(), y.numpy()
+
+        def sk_ssim(i: int, j: int) -> float:
+            return structural_similarity(
+                xn[i], yn[j], channel_axis=0, data_range=1.0, gaussian_weights=True,
+                sigma=1.5, use_sample_covariance=False,
+            )  # fmt: skip
+
+        cases = {
+            "ssim": (
+                lambda: ssim(x, y, data_range=1.0),
+                lambda: np.array([sk_ssim(i, i) for i in range(b)]),
+                args.repeats,
+            ),
+            "psnr": (
+                lambda: psnr(x, y, data_range=1.0),
+                lambda: np.array(
+                    [peak_signal_noise_ratio(yn[i], xn[i], data_range=1.0) for i in range(b)]
+                ),
+                args.repeats,
+            ),
+            "ssim_matrix": (
+                lambda: ssim_matrix(x, y, data_range=1.0),
+                lambda: np.array([[sk_ssim(i, j) for j in range(b)] for i in range(b)]),
+                1,
+            ),
+            "match_mse": (
+                lambda: match_images(y, x),
+                lambda: linear_sum_assignment(
+                    np.array(
+                        [[mean_squared_error(xn[i], yn[j]) for j in range(b)] for i in range(b)]
+                    )  # fmt: skip
+                )[1],
+                1,
+            ),
+        }
+        for name, (lab, peer, repeats) in cases.items():
+            key = ("scoring", name, b)
+            if key in done:
+                continue
+            got, want = lab(), peer()
+            diff = float(np.abs(np.asarray(got, dtype=np.float64) - want).max())
+            lab_s = _best_of(lab, repeats)
+            peer_s = _best_of(peer, 1 if repeats == 1 else 3)
+            record({"section": "scoring", "name": name, "setting": b, "lab_s": lab_s,
+                    "peer": "scikit-image loop", "peer_s": peer_s, "max_abs_diff": diff,
+                    "threads": 1})  # fmt: skip
+        _lpips(args, x, y, done, record)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _lpips(args, x, y, done, record) -> None:
+    key = ("scoring", "lpips", args.pairs)
+    if key in done:
+        return
+    from leakage.metrics import lpips
+
+    try:
+        import lpips as package
+
+        peer_model = package.LPIPS(net="alex", verbose=False)
+        lab = lambda: lpips(x, y, data_range=1.0)  # noqa: E731
+        lab()
+    except Exception as e:  # no package or no weights on this machine: say so
+        print(f"lpips skipped: {str(e).splitlines()[0][:120]}", flush=True)
+        return
+    xs, ys = x.float() * 2 - 1, y.float() * 2 - 1
+
+    def peer() -> np.ndarray:
+        with torch.no_grad():
+            return np.array(
+                [float(peer_model(xs[i : i + 1], ys[i : i + 1])) for i in range(len(x))]
+            )
+
+    diff = float(np.abs(lab().numpy() - peer()).max())
+    record({"section": "scoring", "name": "lpips", "setting": args.pairs,
+            "lab_s": _best_of(lab, 3), "peer": "lpips package loop", "peer_s": _best_of(peer, 3),
+            "max_abs_diff": diff, "threads": 1})  # fmt: skip
+
+
+# ---------------------------------------------------------------- restarts
+
+RESTART_CASES = {
+    # name: (attack, model, activation, fixed budget)
+    "ig-lenet": ("ig", "lenet", "sigmoid", {"steps": 200}),
+    "dlg-lenet": (
+        "dlg",
+        "lenet",
+        "sigmoid",
+        {"steps": 5, "tol": 0.0, "early_stop": False, "batched": True},
+    ),  # fmt: skip
+    "ig-resnet18": ("ig", "resnet18", "sigmoid", {"steps": 10}),
+}
+
+
+def _observe(model, images, labels, seed: int):
+    seen = []
+    Server(model, [Client(0, images, labels)], listeners=[seen.append], seed=seed).run_round()
+    return seen[0]
+
+
+def restarts(args, done: set, record: Callable[[dict], None]) -> None:
+    data = load_samples()
+    images, labels = data.images[:1], data.labels[:1]
+    for name, (attack, model_name, act, budget) in RESTART_CASES.items():
+        if name not in args.restart_cases:
+            continue
+        model = build_model(
+            model_name, activation=act, generator=torch.Generator().manual_seed(args.seed)
+        )
+        obs = _observe(model, images, labels, args.seed)
+        for r in RESTARTS:
+            key = ("restarts", name, r)
+            if key in done:
+                continue
+            atk = ATTACKS.build(attack, restarts=r, **budget)
+
+            def run(atk=atk, obs=obs):
+                return atk.reconstruct(obs, generator=torch.Generator().manual_seed(args.seed))
+
+            rec = run()  # warm-up, and the evaluation count
+            seconds = _best_of(run, args.restart_repeats)
+            record({"section": "restarts", "name": name, "setting": r, "lab_s": seconds,
+                    "evaluations": rec.evaluations,
+                    "threads": torch.get_num_threads()})  # fmt: skip
+
+
+# ---------------------------------------------------------------- DLG time per success
+
+
+def _dlg_images(args):
+    if args.data:
+        data = load_dataset("cifar10", root=args.data, train=False)
+        g = torch.Generator().manual_seed(args.sample_seed)
+        order = torch.randperm(len(data), generator=g)[: args.images].tolist()
+        return data.subset(order), f"CIFAR-10 test, sample seed {args.sample_seed}"
+    data = load_samples()
+    return data.subset(list(range(min(args.images, len(data))))), "scikit-image photographs"
+
+
+def _original_dlg(path: Path, model, images, labels, seed: int, steps: int) -> dict:
+    """The original code's attack (mit-han-lab/dlg ``main.py``) on ``model``'s weights:
+    its LeNet and loss from the checkout, dummy data and label logits N(0, 1) from the
+    global generator it seeds, torch's L-BFGS with default settings, ``steps`` steps.
+
+    The reconstruction is scored every 10 steps, outside the timing: ``first_s`` is
+    the time to the first score >= 30 dB (an oracle the attacker does not have, so
+    a lower bound on the code's cost), ``seconds`` the whole run as the code runs
+    it and ``psnr`` its final image's."""
+    sys.path.insert(0, str(path))
+    try:
+        vision = importlib.import_module("models.vision")
+        utils = importlib.import_module("utils")
+    finally:
+        sys.path.remove(str(path))
+    net = vision.LeNet()
+    with torch.no_grad():
+        for theirs, ours in zip(net.parameters(), model.parameters(), strict=True):
+            theirs.copy_(ours)
+    onehot = utils.label_to_onehot(labels, num_classes=100)
+    loss = utils.cross_entropy_for_onehot(net(images), onehot)
+    target = [g.detach() for g in torch.autograd.grad(loss, list(net.parameters()))]
+    torch.manual_seed(seed)  # the original draws its start from the global generator
+    dummy = torch.randn(images.shape).requires_grad_(True)
+    dummy_label = torch.randn(onehot.shape).requires_grad_(True)
+    optimizer = torch.optim.LBFGS([dummy, dummy_label])
+
+    def closure():
+        optimizer.zero_grad()
+        pred = net(dummy)
+        dummy_loss = utils.cross_entropy_for_onehot(pred, torch.softmax(dummy_label, dim=-1))
+        grads = torch.autograd.grad(dummy_loss, list(net.parameters()), create_graph=True)
+        diff = sum(((gx - gy) ** 2).sum() for gx, gy in zip(grads, target, strict=True))
+        diff.backward()
+        return diff
+
+    seconds, first, value = 0.0, None, -math.inf
+    for step in range(steps):
+        start = time.perf_counter()
+        optimizer.step(closure)
+        seconds += time.perf_counter() - start
+        if step % 10 == 9 or step == steps - 1:
+            with torch.no_grad():
+                value = float(psnr(dummy.detach().clamp(0, 1), images, data_range=1.0)[0])
+            if first is None and value >= SUCCESS_DB:
+                first = seconds
+    value = value if math.isfinite(value) else -math.inf
+    return {"seconds": seconds, "psnr": value, "first_s": first, "steps": steps}
+
+
+def dlg(args, done: set, record: Callable[[dict], None]) -> None:
+    data, source = _dlg_images(args)
+    runs = [(i, s) for i in range(len(data.labels)) for s in range(args.seeds)]
+    who = ["dlg", "idlg"] + (["original-dlg"] if args.original_dlg else [])
+    for attack in who:
+        for i, seed in runs:
+            key = ("dlg", attack, f"{source}#{i}#{seed}")
+            if key in done:
+                continue
+            images, labels = data.images[i : i + 1], data.labels[i : i + 1]
+            # the original's LeNet: 100 classes, U(-0.5, 0.5) weights, raw pixels
+            model = build_model(
+                "lenet", num_classes=100, generator=torch.Generator().manual_seed(seed)
+            )
+            # each with its own thread default: the lab's --threads auto picks one for
+            # a victim this small, the original code runs with torch's default
+            torch.set_num_threads(args.threads if attack == "original-dlg" else 1)
+            if attack == "original-dlg":
+                got = _original_dlg(Path(args.original_dlg), model, images, labels, seed,
+                                    args.original_steps)  # fmt: skip
+            else:
+                obs = _observe(model, images, labels, seed)
+                atk = ATTACKS.build(attack)
+                start = time.perf_counter()
+                rec = atk.reconstruct(obs, generator=torch.Generator().manual_seed(seed))
+                seconds = time.perf_counter() - start
+                value = float(score_images(rec.images, images, data_range=1.0).psnr.min())
+                got = {"seconds": seconds, "psnr": value, "evaluations": rec.evaluations}
+            record({"section": "dlg", "name": attack, "setting": key[2], "images": source,
+                    "lab_s": got["seconds"], "psnr": got["psnr"],
+                    "success": got["psnr"] >= SUCCESS_DB, "threads": torch.get_num_threads(),
+                    **{k: v for k, v in got.items()
+                       if k in ("steps", "evaluations", "first_s")}})  # fmt: skip
+
+
+# ---------------------------------------------------------------- engines
+
+
+def engines(args, done: set, record: Callable[[dict], None]) -> None:
+    fl_throughput = importlib.import_module("fl_throughput")
+    for model in ("lenet", "cnn"):
+        for engine in ("loop", "batched"):
+            key = ("engines", f"{model}-{engine}", args.engine_clients)
+            if key in done:
+                continue
+            ns = argparse.Namespace(
+                dataset="fashion-mnist" if model == "lenet" else "cifar10",
+                data_root=args.data_root, per_client=8, rounds=args.engine_rounds,
+                algorithm="fedavg", local_steps=5, seed=args.seed, device="cpu",
+            )  # fmt: skip
+            got = fl_throughput.measure(ns, model, args.engine_clients, engine)
+            record({"section": "engines", "name": f"{model}-{engine}",
+                    "setting": args.engine_clients, "lab_s": got["seconds"],
+                    "updates_per_s": got["updates_per_s"], "dataset": ns.dataset,
+                    "threads": got["threads"]})  # fmt: skip
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _key(r: dict) -> tuple:
+    return (r["section"], r["name"], r["setting"])
+
+
+def _verdict(x: float, target: float, larger: bool = True) -> str:
+    return "met" if (x >= target if larger else x <= target) else "NOT met"
+
+
+def summary(records: list[dict], command: str) -> str:
+    by = {_key(r): r for r in records}
+    lines = ["# Hot paths against their peers", "", f"`{command}`", ""]
+    if records:
+        m = records[-1]
+        lines += [f"Machine: {m['processor']}, torch {m['torch']}; threads as listed.", ""]
+    score = [r for r in records if r["section"] == "scoring"]
+    if score:
+        lines += ["## Scoring (one thread)", "",
+                  "| metric | pairs | lab ms | peer | peer ms | peer / lab | max abs diff |",
+                  "|---|--:|--:|---|--:|--:|--:|"]  # fmt: skip
+        for r in score:
+            lines.append(
+                f"| {r['name']} | {r['setting']} | {1e3 * r['lab_s']:.2f} | {r['peer']} | "
+                f"{1e3 * r['peer_s']:.2f} | {r['peer_s'] / r['lab_s']:.1f}x | "
+                f"{r['max_abs_diff']:.1e} |"
+            )
+        if ("scoring", "ssim", 64) in by:
+            r = by[("scoring", "ssim", 64)]
+            x = r["peer_s"] / r["lab_s"]
+            ok = x >= TARGETS["ssim"] and r["max_abs_diff"] <= 1e-6
+            verdict = "met" if ok else "NOT met"
+            lines += ["", f"Target batched SSIM >= 10x scikit-image on 64 pairs, equal within "
+                      f"1e-6: {x:.1f}x, {r['max_abs_diff']:.1e}, {verdict}."]  # fmt: skip
+        lines.append("")
+    rs = [r for r in records if r["section"] == "restarts"]
+    if rs:
+        lines += ["## Batched restarts (fixed budget, one image)", "",
+                  "| case | restarts | evaluations | seconds | x one restart | threads |",
+                  "|---|--:|--:|--:|--:|--:|"]  # fmt: skip
+        for r in rs:
+            one = by.get(("restarts", r["name"], 1))
+            x = r["lab_s"] / one["lab_s"] if one else math.nan
+            lines.append(f"| {r['name']} | {r['setting']} | {r['evaluations']} | "
+                         f"{r['lab_s']:.2f} | {x:.2f} | {r['threads']} |")  # fmt: skip
+        for name in RESTART_CASES:
+            one, eight = by.get(("restarts", name, 1)), by.get(("restarts", name, 8))
+            if one and eight:
+                x = eight["lab_s"] / one["lab_s"]
+                lines.append(f"\nTarget 8 restarts <= 3x one, {name}: {x:.2f}x, "
+                             f"{_verdict(x, TARGETS['restarts'], larger=False)}.")  # fmt: skip
+        lines.append("")
+    ds = [r for r in records if r["section"] == "dlg"]
+    if ds:
+        lines += ["## DLG / iDLG at batch 1, sigmoid LeNet (100 classes), time per success", "",
+                  "| attack | images | runs | successes | total s | s per success | "
+                  "median PSNR |", "|---|---|--:|--:|--:|--:|--:|"]  # fmt: skip
+        per = {}
+        for name in ("dlg", "idlg", "original-dlg"):
+            group = [r for r in ds if r["name"] == name]
+            if not group:
+                continue
+            ok = sum(r["success"] for r in group)
+            total = sum(r["lab_s"] for r in group)
+            per[name] = total / ok if ok else math.inf
+            lines.append(
+                f"| {name} | {group[0]['images']} | {len(group)} | {ok} | {total:.1f} | "
+                f"{per[name]:.1f} | {statistics.median(r['psnr'] for r in group):.1f} |"
+            )
+        oracle = [r for r in ds if r["name"] == "original-dlg" and "first_s" in r]
+        if oracle:
+            hits = [r for r in oracle if r["first_s"] is not None]
+            spent = sum(r["first_s"] if r["first_s"] is not None else r["lab_s"] for r in oracle)
+            per["original-dlg, stopped at 30 dB"] = spent / len(hits) if hits else math.inf
+            lines.append(
+                f"\nThe original code stopped by an oracle at its first image >= 30 dB (scored "
+                f"every 10 steps): {len(hits)}/{len(oracle)} reach it, "
+                f"{per['original-dlg, stopped at 30 dB']:.1f} s per success."
+            )
+        for peer in ("original-dlg", "original-dlg, stopped at 30 dB"):
+            for name in ("dlg", "idlg"):
+                if peer in per and name in per and math.isfinite(per[peer]):
+                    x = per[peer] / per[name]
+                    lines.append(f"\nTarget {name} >= 10x {peer} per success: {x:.1f}x, "
+                                 f"{_verdict(x, TARGETS['dlg'])}.")  # fmt: skip
+        lines.append("")
+    es = [r for r in records if r["section"] == "engines"]
+    if es:
+        lines += ["## Client engines (FedAvg, 5 local steps, 8 images per client)", "",
+                  "| case | clients | updates / s | threads |", "|---|--:|--:|--:|"]  # fmt: skip
+        for r in es:
+            lines.append(f"| {r['name']} | {r['setting']} | {r['updates_per_s']:,.0f} | "
+                         f"{r['threads']} |")  # fmt: skip
+        for model in ("lenet", "cnn"):
+            loop = next((r for r in es if r["name"] == f"{model}-loop"), None)
+            vmap = next((r for r in es if r["name"] == f"{model}-batched"), None)
+            if loop and vmap:
+                x = vmap["updates_per_s"] / loop["updates_per_s"]
+                lines.append(f"\nvmap / loop, {model}: {x:.2f}x"
+                             + (f" (target >= 3x: {_verdict(x, TARGETS['engines'])})"
+                                if model == "lenet" else ""))  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/hot_paths"))
+    p.add_argument(
+        "--again",
+        nargs="*",
+        default=None,
+        help="remeasure what was measured: everything, or the names given (e.g. dlg idlg)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (scoring uses one)")
+    p.add_argument("--pairs", type=int, default=64, help="image pairs scored")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls of the lab's scoring")
+    p.add_argument("--restart-cases", nargs="+", default=list(RESTART_CASES),
+                   choices=list(RESTART_CASES))  # fmt: skip
+    p.add_argument("--restart-repeats", type=int, default=2)
+    p.add_argument("--data", default=None, help="CIFAR-10 root for the DLG images (default: "
+                   "the photographs bundled with scikit-image)")  # fmt: skip
+    p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=6)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--original-dlg", default=None, help="a checkout of mit-han-lab/dlg")
+    p.add_argument("--original-steps", type=int, default=300)
+    p.add_argument("--data-root", default="../shared/datasets")
+    p.add_argument("--engine-clients", type=int, default=100)
+    p.add_argument("--engine-rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.original_dlg and not (Path(args.original_dlg) / "models" / "vision.py").is_file():
+        p.error(f"--original-dlg {args.original_dlg}: no models/vision.py there; give a "
+                "checkout of mit-han-lab/dlg")  # fmt: skip
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "records.jsonl"
+    records = load_records(path)
+    if args.again is not None:  # superseded: the summary keeps the latest line per key
+        records = [r for r in records if args.again and r["name"] not in args.again]
+    done = {_key(r) for r in records}
+    command = "python benchmarks/hot_paths.py " + " ".join(argv or sys.argv[1:])
+
+    def record(r: dict) -> None:
+        r = {**r, **_machine(), "threads": r.get("threads", torch.get_num_threads())}
+        append_record(path, r)
+        records.append(r)
+        done.add(_key(r))
+        print({k: v for k, v in r.items() if k not in ("machine", "processor", "torch")},
+              flush=True)  # fmt: skip
+
+    for name in args.only:
+        globals()[name](args, done, record)
+    latest = {_key(r): r for r in load_records(path)}
+    text = summary(list(latest.values()), command)
+    write_atomic(args.out / "summary.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
