@@ -15,11 +15,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fl_core import Client, GroundTruth, LocalTraining, Update, build_model
 from fl_core.adversaries import Byzantine
-from fl_core.batched import batchable, compute_updates, sgd_step
+from fl_core.batched import batchable, compute_updates, group_gradients, sgd_step
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -109,8 +110,8 @@ def test_fedsgd_matches_loop(name, chunk_size):
 
 
 class _Reused(nn.Module):
-    """One Linear layer applied twice: per-client sums of its one recorded call would
-    be wrong, so FedSGD must take the vmap path for it."""
+    """One Linear layer applied twice: per-group sums of its one recorded call would
+    be wrong."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -123,28 +124,45 @@ class _Reused(nn.Module):
         return self.head(torch.tanh(self.inner(torch.tanh(self.inner(self.flat(x))))))
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
 @pytest.mark.parametrize("name", MODELS)
-def test_fedsgd_of_conv_and_linear_victims_takes_no_vmap(name, monkeypatch):
-    """lenet, cnn and mlp get their FedSGD gradients from one pass over all clients'
-    samples (per-client sums of the layers' gradients), equal to the loop's."""
-    import fl_core.batched as batched
+def test_group_gradients_equal_each_groups_own_gradient(name, create_graph):
+    """One pass over three groups of samples gives, per group, what autograd gives
+    for that group's loss alone (the per-restart FedSGD gradients of a simulation)."""
+    model = _model(name)
+    g = _gen(7)
+    x = torch.rand(3 * 4, *SHAPE, generator=g, requires_grad=create_graph)
+    y = torch.randint(0, 10, (3 * 4,), generator=g)
+    weights = torch.tensor([1.0, 0.5, 2.0]).repeat_interleave(4)  # a weight per sample
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("vmap called for a victim of Conv2d and Linear layers")
+    def loss(logits):
+        return (weights * F.cross_entropy(logits, y, reduction="none")).sum()
 
-    monkeypatch.setattr(batched, "vmap", refuse)
-    clients = _clients([6, 6, 5], [LocalTraining("fedsgd", batch_size=3)] * 3)
-    want, _ = _loop(_model(name), clients, [0, 1, 2], round=0)
-    got, _ = _batched(_model(name), clients, [0, 1, 2], round=0)
-    _assert_same(got, want)
+    got = group_gradients(model, x, loss, 3, create_graph=create_graph)
+    params = list(model.parameters())
+    for k in range(3):
+        part = slice(4 * k, 4 * k + 4)
+        own = (weights[part] * F.cross_entropy(model(x[part]), y[part], reduction="none")).sum()
+        want = torch.autograd.grad(own, params)
+        for (name_, tensor), w in zip(got.items(), want, strict=True):
+            torch.testing.assert_close(tensor[k], w, rtol=1e-5, atol=1e-6, msg=name_)
+    if create_graph:  # differentiable in the data, as gradient matching needs
+        first = next(iter(got.values()))
+        (dx,) = torch.autograd.grad(first.square().sum(), x)
+        assert dx.shape == x.shape and float(dx.abs().max()) > 0
 
 
-def test_fedsgd_with_a_reused_layer_falls_back_to_vmap():
-    clients = _clients([6, 4], [LocalTraining("fedsgd", batch_size=2)] * 2)
-    model = _Reused()
-    want, _ = _loop(model, clients, [0, 1], round=0)
-    got, _ = _batched(model, clients, [0, 1], round=0)
-    _assert_same(got, want)
+def test_group_gradients_refuse_a_reused_layer():
+    """A layer applied twice records one input: its per-group sums would be wrong."""
+    x = torch.rand(4, *SHAPE, generator=_gen(0))
+    y = torch.randint(0, 10, (4,), generator=_gen(1))
+
+    def loss(logits):
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    assert group_gradients(_Reused(), x, loss, 2) is None
+    assert group_gradients(_model("resnet20"), x, loss, 2) is None  # BatchNorm parameters
+    assert group_gradients(_model("lenet"), x, loss, 3) is None  # 4 samples in 3 groups
 
 
 @pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 1e-3)])
