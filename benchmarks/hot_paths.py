@@ -34,8 +34,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -238,6 +240,14 @@ def restarts(args, done: set, record: Callable[[dict], None]) -> None:
             record({"section": "restarts", "name": name, "setting": r, "lab_s": seconds,
                     "evaluations": rec.evaluations,
                     "threads": torch.get_num_threads()})  # fmt: skip
+        if ("flops", name, 1) not in done:  # the arithmetic of one restart's budget
+            from torch.utils.flop_counter import FlopCounterMode
+
+            atk = ATTACKS.build(attack, restarts=1, **budget)
+            with FlopCounterMode(display=False) as counter:
+                atk.reconstruct(obs, generator=torch.Generator().manual_seed(args.seed))
+            record({"section": "flops", "name": name, "setting": 1, "lab_s": 0.0,
+                    "flops": counter.get_total_flops()})  # fmt: skip
 
 
 # ---------------------------------------------------------------- DLG time per success
@@ -373,7 +383,12 @@ def _verdict(x: float, target: float, larger: bool = True) -> str:
 
 def summary(records: list[dict], command: str) -> str:
     by = {_key(r): r for r in records}
-    lines = ["# Hot paths against their peers", "", f"`{command}`", ""]
+    lines = ["# Hot paths against their peers", "", "Reproduced by", "",
+             "    python benchmarks/hot_paths.py --data ../shared/datasets --images 6 --seeds 2 "
+             "--original-dlg PATH", "",
+             "with PATH a checkout of mit-han-lab/dlg (measured at d21007f); the records were "
+             "taken in parts with `--only` and `--again`, each record naming its command where "
+             f"it was kept (this summary: `{command}`).", ""]  # fmt: skip
     if records:
         m = records[-1]
         lines += [f"Machine: {m['processor']}, torch {m['torch']}; threads as listed.", ""]
@@ -406,6 +421,19 @@ def summary(records: list[dict], command: str) -> str:
             x = r["lab_s"] / one["lab_s"] if one else math.nan
             lines.append(f"| {r['name']} | {r['setting']} | {r['evaluations']} | "
                          f"{r['lab_s']:.2f} | {x:.2f} | {r['threads']} |")  # fmt: skip
+        rates = []
+        for name in RESTART_CASES:
+            flops = by.get(("flops", name, 1))
+            timed = [by.get(("restarts", name, r)) for r in RESTARTS]
+            if flops and all(timed):
+                gf = [r * flops["flops"] / t["lab_s"] / 1e9 for r, t in zip(RESTARTS, timed)]
+                rates.append(f"| {name} | {flops['flops'] / 1e9:.2f} | "
+                             + " | ".join(f"{x:.1f}" for x in gf) + " |")  # fmt: skip
+        if rates:
+            lines += ["", "Arithmetic rate (convolution and matrix-product FLOPs counted by "
+                      "torch's FlopCounterMode for one restart, times R, over the seconds):", "",
+                      "| case | GFLOP per restart | GFLOP/s, R = 1 | 2 | 4 | 8 |",
+                      "|---|--:|--:|--:|--:|--:|", *rates]  # fmt: skip
         for name in RESTART_CASES:
             one, eight = by.get(("restarts", name, 1)), by.get(("restarts", name, 8))
             if one and eight:
@@ -480,6 +508,7 @@ def main(argv=None) -> int:
         default=None,
         help="remeasure what was measured: everything, or the names given (e.g. dlg idlg)",
     )
+    p.add_argument("--summary-only", action="store_true", help="rebuild summary.md only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (scoring uses one)")
     p.add_argument("--pairs", type=int, default=64, help="image pairs scored")
@@ -501,6 +530,16 @@ def main(argv=None) -> int:
     if args.original_dlg and not (Path(args.original_dlg) / "models" / "vision.py").is_file():
         p.error(f"--original-dlg {args.original_dlg}: no models/vision.py there; give a "
                 "checkout of mit-han-lab/dlg")  # fmt: skip
+    if "scoring" in args.only and args.threads != 1 and not args.summary_only:
+        # its own process with one thread from the start: after torch's thread pool
+        # started with two, one-thread elementwise work ran ~3x slower here
+        child = [sys.executable, __file__, "--only", "scoring", "--threads", "1",
+                 "--out", str(args.out), "--pairs", str(args.pairs),
+                 "--repeats", str(args.repeats), "--seed", str(args.seed)]  # fmt: skip
+        if args.again is not None:
+            child += ["--again", *args.again]
+        subprocess.run(child, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        args.only = [s for s in args.only if s != "scoring"]
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "records.jsonl"
@@ -511,14 +550,15 @@ def main(argv=None) -> int:
     command = "python benchmarks/hot_paths.py " + " ".join(argv or sys.argv[1:])
 
     def record(r: dict) -> None:
-        r = {**r, **_machine(), "threads": r.get("threads", torch.get_num_threads())}
+        r = {**r, **_machine(), "threads": r.get("threads", torch.get_num_threads()),
+             "command": command}  # fmt: skip
         append_record(path, r)
         records.append(r)
         done.add(_key(r))
         print({k: v for k, v in r.items() if k not in ("machine", "processor", "torch")},
               flush=True)  # fmt: skip
 
-    for name in args.only:
+    for name in [] if args.summary_only else args.only:
         globals()[name](args, done, record)
     latest = {_key(r): r for r in load_records(path)}
     text = summary(list(latest.values()), command)
