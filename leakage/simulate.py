@@ -123,6 +123,7 @@ class UpdateSimulator:
         self._bn_weights: list[float] = []
         self._moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._bn_terms: list[torch.Tensor] | None = None
+        self._ungroupable = False
 
     def restrict_to_support(self) -> float:
         """Simulate only the entries the observed update kept (an adaptive attack on pruning).
@@ -340,6 +341,8 @@ class UpdateSimulator:
         """
         from fl_core.batched import group_gradients
 
+        if self._ungroupable:
+            return None
         r, n = x.shape[:2]
         per_sample = torch.cat(  # each sample's weight in its restart's loss: w_k / n_k
             [torch.full((size,), w / size) for w, (_, size) in zip(self.weights, self.groups)]
@@ -353,6 +356,7 @@ class UpdateSimulator:
         grads = group_gradients(self.model, x.reshape(r * n, *x.shape[2:]), loss, r,
                                 create_graph=True)  # fmt: skip
         if grads is None:
+            self._ungroupable = True  # the victim will not change: use vmap from now on
             return None
         update = torch.cat([grads[k].reshape(r, -1) for k in self.params], dim=1)  # (R, d)
         return update if self.support is None else update * self.support
