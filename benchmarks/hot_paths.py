@@ -314,6 +314,14 @@ def _original_dlg(path: Path, model, images, labels, seed: int, steps: int) -> d
 
 
 def dlg(args, done: set, record: Callable[[dict], None]) -> None:
+    previous = torch.get_num_threads()
+    try:
+        _dlg_runs(args, done, record)
+    finally:
+        torch.set_num_threads(previous)  # the sections after it get the threads asked for
+
+
+def _dlg_runs(args, done: set, record: Callable[[dict], None]) -> None:
     data, source = _dlg_images(args)
     runs = [(i, s) for i in range(len(data.labels)) for s in range(args.seeds)]
     who = ["dlg", "idlg"] + (["original-dlg"] if args.original_dlg else [])
