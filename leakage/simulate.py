@@ -124,6 +124,9 @@ class UpdateSimulator:
         self._moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._bn_terms: list[torch.Tensor] | None = None
         self._ungroupable = False
+        self._sample_weights = torch.cat(  # each sample's weight in its client's mean: w_k / n_k
+            [torch.full((size,), w / size) for w, (_, size) in zip(self.weights, self.groups)]
+        )
 
     def restrict_to_support(self) -> float:
         """Simulate only the entries the observed update kept (an adaptive attack on pruning).
@@ -344,14 +347,11 @@ class UpdateSimulator:
         if self._ungroupable:
             return None
         r, n = x.shape[:2]
-        per_sample = torch.cat(  # each sample's weight in its restart's loss: w_k / n_k
-            [torch.full((size,), w / size) for w, (_, size) in zip(self.weights, self.groups)]
-        ).to(x.device, x.dtype)
-        soft = y.reshape(r * n, -1)
-        weights = per_sample.repeat(r)
+        weights = self._sample_weights.to(x.device, x.dtype)  # (N,)
 
-        def loss(logits):
-            return -(weights * (soft * F.log_softmax(logits, dim=-1)).sum(-1)).sum()
+        def loss(logits):  # (R·N, K) -> Σ_r Σ_n w_n · CE(r, n)
+            ce = (y * F.log_softmax(logits, dim=-1).view(r, n, -1)).sum(-1)  # (R, N)
+            return -(weights * ce).sum()
 
         grads = group_gradients(self.model, x.reshape(r * n, *x.shape[2:]), loss, r,
                                 create_graph=True)  # fmt: skip

@@ -6,6 +6,7 @@ any work is done (any YAML type may arrive: text, lists, dates, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -123,6 +124,17 @@ def check_text(
         what = "non-empty text" + (" or null" if optional else "")
         raise ValueError(f"{name} must be {what}; got {_got(value)}")
     return value
+
+
+def build_checked(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)`` for a config dataclass, refusing unknown keys with the valid ones."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
+        )
+    return cls(**values)
 
 
 def check_flag(name: str, value: Any) -> bool:

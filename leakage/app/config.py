@@ -30,6 +30,7 @@ from .checks import (
     MAX_SEED,
     NORMALIZE_CHOICES,
     _got,
+    build_checked,
     check_device,
     check_flag,
     check_number,
@@ -357,10 +358,4 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def make_config(values: dict[str, Any]) -> AttackConfig:
     """An :class:`AttackConfig` from a dict, rejecting unknown keys."""
-    valid = [f.name for f in dataclasses.fields(AttackConfig)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
-        )
-    return AttackConfig(**values)
+    return build_checked(AttackConfig, values)

@@ -42,18 +42,7 @@ from .attacked_round import (  # noqa: F401  (the benchmarks import these from h
     target_batch,
     victim_normalization,
 )
-from .checks import (  # noqa: F401
-    BN_MODES,
-    MAX_SEED,
-    NORMALIZE_CHOICES,
-    _got,
-    check_device,
-    check_flag,
-    check_number,
-    check_scorable,
-    check_text,
-    check_whole,
-)
+from .checks import BN_MODES, NORMALIZE_CHOICES, check_scorable, check_whole
 from .config import AttackConfig, load_config, make_config, read_config_file  # noqa: F401
 from .outputs import (  # noqa: F401
     default_out,

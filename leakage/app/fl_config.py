@@ -446,14 +446,9 @@ def load_fl_config(path: str | Path | None, **overrides: Any) -> FLConfig:
 
 def make_fl_config(path: str | Path | None, overrides: dict[str, Any]) -> FLConfig:
     """The file at ``path`` (``None``: the defaults) with ``overrides`` laid over it."""
+    from leakage.app.checks import build_checked
     from leakage.app.config import read_config_file
 
     data = read_config_file(path) if path is not None else {}
     data.update(overrides)
-    valid = [f.name for f in dataclasses.fields(FLConfig)]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
-        )
-    return FLConfig(**data)
+    return build_checked(FLConfig, data)

@@ -34,8 +34,9 @@ from defenses.config import DEFENSES  # noqa: E402
 from fl_core.adversaries import ADVERSARIES  # noqa: E402
 from fl_core.data import DATASETS  # noqa: E402
 from fl_core.models import ACTIVATIONS, MODELS  # noqa: E402
+from leakage.app.checks import MAX_SEED  # noqa: E402
 from leakage.app.cli import main  # noqa: E402
-from leakage.app.experiment import MAX_SEED, AttackConfig  # noqa: E402
+from leakage.app.experiment import AttackConfig  # noqa: E402
 from leakage.app.fl_cmd import ENGINES, FLConfig  # noqa: E402
 from leakage.attacks import ATTACKS  # noqa: E402
 from leakage.labels import LABEL_STRATEGIES  # noqa: E402
