@@ -325,8 +325,8 @@ def _dlg_runs(args, done: set, record: Callable[[dict], None]) -> None:
     data, source = _dlg_images(args)
     runs = [(i, s) for i in range(len(data.labels)) for s in range(args.seeds)]
     who = ["dlg", "idlg"] + (["original-dlg"] if args.original_dlg else [])
-    for attack in who:
-        for i, seed in runs:
+    for i, seed in runs:
+        for attack in who:  # side by side on each image, so the machine's drift is shared
             key = ("dlg", attack, f"{source}#{i}#{seed}")
             if key in done:
                 continue

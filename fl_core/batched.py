@@ -281,13 +281,14 @@ def _per_client(stacked: dict[str, torch.Tensor], names: list[str]) -> list[tupl
     memory alive or shares storage with it, as in the loop.
     """
     parts = [stacked[n] for n in names]
+    k = len(parts[0])
     sizes = [p[0].numel() for p in parts]
     shapes = [p.shape[1:] for p in parts]
-    rows = zip(*(p.unbind(0) for p in parts))  # K tuples of views (*shape)
+    flat = torch.cat([p.reshape(k, -1) for p in parts], dim=1)  # (K, P), one call for all
     out = []
-    for row in rows:
-        flat = torch.cat([v.reshape(-1) for v in row])  # (P,): this client's own storage
-        out.append(tuple(v.view(shape) for v, shape in zip(flat.split(sizes), shapes)))
+    for row in flat.unbind(0):
+        own = row.clone()  # (P,): this client's own storage
+        out.append(tuple(v.view(shape) for v, shape in zip(own.split(sizes), shapes)))
     return out
 
 

@@ -5,9 +5,15 @@ operations per iteration (m = history size); for the small attack problems of
 the lab (a few thousand unknowns, ~1 ms per objective evaluation) that loop
 took ~40% of DLG's time. The compact representation (Byrd, Nocedal, Schnabel,
 "Representations of quasi-Newton matrices and their use in limited memory
-methods", Math. Prog. 63, 1994, eq. 3.1) computes the same direction with two
-passes over the stacked [S; Y] history (two more when a pair is stored) and
-two m×m triangular solves.
+methods", Math. Prog. 63, 1994, eq. 3.1) computes the same direction with one
+pass over the stored pairs for the direction, one for the new gradient's
+projections, and two k×k triangular solves (k ≤ m pairs stored).
+
+The pairs stay in a ring of slots (no row of the n-wide history is ever
+moved); their k×k Gram matrices are kept in chronological order, rebuilt in
+O(k²) when a pair is stored, so the solves need no reordering. Gathering
+them from ring order at every iteration cost 0.9 ms per 400×400 matrix, more
+than the passes themselves (0.7 ms for 400 pairs of 3,172 unknowns).
 
 Also unlike torch's version: a curvature pair is kept when sᵀy > 1e-10·‖s‖‖y‖
 (relative, so the scale of the objective does not matter), and the strong-Wolfe
@@ -39,6 +45,15 @@ def _cubic_min(t1, f1, g1, t2, f2, g2, lo, hi) -> float:
     return (lo + hi) / 2
 
 
+def _grown(block: torch.Tensor, row, col, corner) -> torch.Tensor:
+    """``[[block, col], [row, corner]]``: a (j, j) block with one more row and column."""
+    j = len(block)
+    out = block.new_empty(j + 1, j + 1)
+    out[:j, :j] = block
+    out[j, :j], out[:j, j], out[j, j] = row, col, corner
+    return out
+
+
 class LBFGS:
     """Minimise ``fun`` over a flat tensor ``z`` (changed in place).
 
@@ -68,14 +83,14 @@ class LBFGS:
             raise ValueError("LBFGS works on one flat (n,) tensor")
         self.fun, self.z, self.lr = fun, z, lr
         self.tol_grad, self.tol_change = tolerance_grad, tolerance_change
+        if history < 1:
+            raise ValueError(f"history must be at least 1; got {history}")
         m, n = history, z.numel()
+        self.m = m
         self.SY_rows = z.new_zeros(2 * m, n)  # ring buffers: steps s (rows :m), changes y (m:)
         self.S, self.Y = self.SY_rows[:m], self.SY_rows[m:]
-        self.SY = z.new_zeros(m, m)  # SY[a, b] = s_a · y_b over ring slots
-        self.YY = z.new_zeros(m, m)
-        self.SS = z.new_zeros(m, m)
-        self._proj: torch.Tensor | None = None  # [S; Y]·g for the current gradient g
-        self.slots: list[int] = []  # ring slots, oldest first
+        self.slots: list[int] = []  # ring slots, oldest first; always {0, …, k − 1}
+        self._forget()
         self.evaluations = 0
         self.stopped: str | None = None
         self.f: float | None = None
@@ -87,65 +102,79 @@ class LBFGS:
         loss, grad = yield z
         return float(loss), grad
 
+    def _forget(self) -> None:
+        """Drop every stored pair."""
+        self.slots.clear()
+        empty = self.SY_rows.new_zeros(0, 0)
+        self.SS, self.SY, self.YY = empty, empty, empty  # chronological Gram blocks (k, k)
+        self._order = torch.zeros(0, dtype=torch.long, device=self.SY_rows.device)
+        self._proj: torch.Tensor | None = None  # (2, k): S·g, Y·g in slot order
+
+    def _project(self, v: torch.Tensor) -> torch.Tensor:
+        """(2, k): the stored steps' and changes' dot products with v, in slot order."""
+        k = len(self.slots)
+        return torch.stack([self.S[:k] @ v, self.Y[:k] @ v])
+
     def _direction(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(d, [S; Y]·d)``: d = −H·g with H the compact L-BFGS inverse Hessian (BNS
-        1994, eq. 3.1), and its projections on the history rows, from the Gram
-        matrix of the rows (no pass over the history); ``None`` without history."""
-        if not self.slots:
+        1994, eq. 3.1), and its projections (2, k) on the stored pairs in
+        chronological order, from their Gram matrices (no pass over the history);
+        ``None`` without history."""
+        k = len(self.slots)
+        if not k:
             return -g, None
-        idx = torch.tensor(self.slots, device=g.device)
-        sy = self.SY[idx][:, idx]  # (k, k), chronological
-        r = sy.triu()
-        d = sy.diagonal()
-        yy = self.YY[idx][:, idx]
-        gamma = d[-1] / yy[-1, -1]
-        m = len(self.S)
         if self._proj is None:
-            self._proj = self.SY_rows @ g  # (2m,): S·g then Y·g
-        both = self._proj
-        sg, yg = both[:m][idx], both[m:][idx]  # (k,) chronological
-        u = torch.linalg.solve_triangular(r, sg[:, None], upper=True)[:, 0]
-        rhs = d * u + gamma * (yy @ u) - gamma * yg
-        w1 = torch.linalg.solve_triangular(r.T, rhs[:, None], upper=False)[:, 0]
-        ab = g.new_zeros(2 * m)
-        ab[idx], ab[m + idx] = w1, -gamma * u
-        d = -(gamma * g + self.SY_rows.T @ ab)
-        # [S; Y]·d = −(γ·[S; Y]·g + G·ab), G = [S; Y][S; Y]ᵀ = [[SS, SY], [SYᵀ, YY]]
-        gram_ab = torch.cat(
-            [self.SS @ ab[:m] + self.SY @ ab[m:], self.SY.T @ ab[:m] + self.YY @ ab[m:]]
-        )
-        return d, -(gamma * both + gram_ab)
+            self._proj = self._project(g)
+        order = self._order
+        sg, yg = self._proj[:, order]  # (k,) each, chronological
+        sy, yy = self.SY, self.YY  # (k, k), chronological; sy's upper triangle is R
+        diag = sy.diagonal()
+        gamma = diag[-1] / yy[-1, -1]
+        u = torch.linalg.solve_triangular(sy, sg[:, None], upper=True)[:, 0]
+        rhs = diag * u + gamma * (yy @ u) - gamma * yg
+        w1 = torch.linalg.solve_triangular(sy.T, rhs[:, None], upper=False)[:, 0]
+        w2 = -gamma * u
+        a, b = torch.empty_like(w1), torch.empty_like(w2)  # the weights in slot order
+        a[order], b[order] = w1, w2
+        d = torch.addmv(torch.addmv(gamma * g, self.S[:k].T, a), self.Y[:k].T, b).neg_()
+        # [S; Y]·d = −(γ·[S; Y]·g + G·[w1; w2]), G = [[SS, SY], [SYᵀ, YY]]
+        gram = torch.stack([self.SS @ w1 + sy @ w2, sy.T @ w1 + yy @ w2])
+        return d, -(gamma * torch.stack([sg, yg]) + gram)
 
     def _remember(self, s, y, g_new, proj_d, t) -> None:
         """Store the pair (s, y) and project the new gradient on the history.
 
         One pass over the history per iteration, for [S; Y]·g_new: the pair's own
-        projections come from it ([S; Y]·y = [S; Y]·g_new − [S; Y]·g) and from the
-        direction's ([S; Y]·s = t·[S; Y]·d), and the slot the pair replaces is
-        patched with direct dot products.
+        products with the history come from it ([S; Y]·y = [S; Y]·g_new − [S; Y]·g)
+        and from the direction's ([S; Y]·s = t·[S; Y]·d); the slot the pair
+        replaces is patched with direct dot products.
         """
-        m = len(self.S)
-        proj_g = self._proj if self._proj is not None else self.SY_rows @ (g_new - y)
-        proj_new = self.SY_rows @ g_new  # (2m,)
+        k = len(self.slots)
+        proj_g = self._proj if self._proj is not None else self._project(g_new - y)
+        proj_new = self._project(g_new)  # (2, k), slot order
         self._proj = proj_new
-        ys = float(s @ y)
-        if not ys > 1e-10 * float(s.norm() * y.norm()):
+        sy_new = s @ y
+        if not float(sy_new) > 1e-10 * float(s.norm() * y.norm()):
             return  # no positive curvature along s: keep the old pairs
-        if len(self.slots) < m:
-            k = len(self.slots)
+        order = self._order
+        ps = t * proj_d if proj_d is not None else self._project(s)[:, order]  # chronological
+        py = (proj_new - proj_g)[:, order]
+        if k == self.m:  # the ring is full: the oldest pair's slot takes the new one
+            slot, keep = self.slots.pop(0), slice(1, k)
         else:
-            k = self.slots.pop(0)
-        self.slots.append(k)
-        ps = t * proj_d if proj_d is not None else self.SY_rows @ s  # (2m,): [S; Y]·s
-        py = proj_new - proj_g  # (2m,): [S; Y]·y
-        self.S[k], self.Y[k] = s, y
-        ss, yy = s @ s, y @ y  # the replaced slot: its own products
-        ps[k], ps[m + k], py[k], py[m + k] = ss, s @ y, s @ y, yy
-        self.SY[k, :] = ps[m:]  # s_k · y_b
-        self.SY[:, k] = py[:m]  # s_a · y_k
-        self.YY[k, :], self.YY[:, k] = py[m:], py[m:]
-        self.SS[k, :], self.SS[:, k] = ps[:m], ps[:m]
-        proj_new[k], proj_new[m + k] = s @ g_new, y @ g_new
+            slot, keep = k, slice(0, k)
+        ps, py = ps[:, keep], py[:, keep]
+        self.slots.append(slot)
+        self.S[slot], self.Y[slot] = s, y
+        self.SS = _grown(self.SS[keep, keep], ps[0], ps[0], s @ s)
+        self.YY = _grown(self.YY[keep, keep], py[1], py[1], y @ y)
+        self.SY = _grown(self.SY[keep, keep], ps[1], py[0], sy_new)  # s_a · y_b
+        news = torch.stack([s @ g_new, y @ g_new])
+        if slot < k:
+            proj_new[:, slot] = news
+        else:
+            self._proj = torch.cat([proj_new, news[:, None]], dim=1)
+        self._order = torch.tensor(self.slots, device=s.device)
 
     def _line_search(self, f0, g0, d, gtd0, t):
         """Strong-Wolfe step along d (a generator, see :meth:`steps`); returns (t, f, g),
@@ -237,7 +266,7 @@ class LBFGS:
             d, proj_d = self._direction(g)
             gtd = float(g @ d)
             if not gtd < 0:  # memory gave no descent direction: forget it
-                self.slots.clear()
+                self._forget()
                 d, gtd, proj_d = -g, -float(g @ g), None
             t0 = self.lr if self.slots else self.lr * min(1.0, 1.0 / float(g.abs().sum()))
             t, f_new, g_new = yield from self._line_search(f, g, d, gtd, t0)

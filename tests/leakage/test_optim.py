@@ -53,13 +53,13 @@ def test_direction_is_the_two_loop_recursion(history, steps):
     d, projected = opt._direction(opt.g)
     want = _two_loop(opt.g, pairs)
     torch.testing.assert_close(d, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
-    rows = opt.SY_rows
-    torch.testing.assert_close(projected, rows @ d, rtol=1e-9, atol=1e-12)
-    m = history
-    gram = rows @ rows.T
-    torch.testing.assert_close(opt.SS, gram[:m, :m], rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(opt.SY, gram[:m, m:], rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(opt.YY, gram[m:, m:], rtol=1e-10, atol=1e-14)
+    s_rows = torch.stack([s for s, _ in pairs])  # chronological
+    y_rows = torch.stack([y for _, y in pairs])
+    torch.testing.assert_close(projected, torch.stack([s_rows @ d, y_rows @ d]),
+                               rtol=1e-9, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(opt.SS, s_rows @ s_rows.T, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(opt.SY, s_rows @ y_rows.T, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(opt.YY, y_rows @ y_rows.T, rtol=1e-10, atol=1e-14)
 
 
 def test_lbfgs_minimises_the_quartic():
@@ -69,3 +69,19 @@ def test_lbfgs_minimises_the_quartic():
         opt.step(20)
     _, grad = fun(opt.z)
     assert float(grad.abs().max()) < 1e-8
+
+
+def test_history_must_hold_a_pair():
+    with pytest.raises(ValueError, match="history must be at least 1"):
+        LBFGS(None, torch.zeros(3), history=0)
+
+
+def test_dlg_rejects_an_empty_history_before_any_work(monkeypatch):
+    from leakage.attacks import dlg
+
+    def no_setup(*args, **kwargs):
+        raise AssertionError("the history should be checked before the simulator is built")
+
+    monkeypatch.setattr(dlg, "setup", no_setup)
+    with pytest.raises(ValueError, match="history must be a positive number of pairs"):
+        dlg.match_gradients(None, labels=None, steps=1, restarts=1, history=0)
