@@ -16,8 +16,9 @@ One command, four sections (``--only`` picks some):
   with ``--original-dlg PATH`` (a checkout of mit-han-lab/dlg), of the original
   code's loop on the same network, weights and images (target: >= 10x).
 * ``engines``: client updates per second of the vmap engine against the client
-  loop (``benchmarks/fl_throughput.py``'s measurement; target: >= 3x for the
-  LeNet at 8 images per client).
+  loop (``benchmarks/fl_throughput.py``'s measurement, the two engines run in
+  turn three times, medians; target: >= 3x for the LeNet at 8 images per
+  client).
 
 Threat model of the attacks: honest-but-curious server, one client's FedSGD
 gradient of one image. Every measurement is one JSON line in
@@ -226,20 +227,27 @@ def restarts(args, done: set, record: Callable[[dict], None]) -> None:
             model_name, activation=act, generator=torch.Generator().manual_seed(args.seed)
         )
         obs = _observe(model, images, labels, args.seed)
-        for r in RESTARTS:
-            key = ("restarts", name, r)
-            if key in done:
-                continue
-            atk = ATTACKS.build(attack, restarts=r, **budget)
+        pending = [r for r in RESTARTS if ("restarts", name, r) not in done]
+        attacks = {r: ATTACKS.build(attack, restarts=r, **budget) for r in pending}
 
-            def run(atk=atk, obs=obs):
-                return atk.reconstruct(obs, generator=torch.Generator().manual_seed(args.seed))
+        def run(r: int, obs=obs, attacks=attacks):  # the same random starts every time
+            return attacks[r].reconstruct(obs, generator=torch.Generator().manual_seed(args.seed))
 
-            rec = run()  # warm-up, and the evaluation count
-            seconds = _best_of(run, args.restart_repeats)
-            record({"section": "restarts", "name": name, "setting": r, "lab_s": seconds,
-                    "evaluations": rec.evaluations,
+        evaluations = {r: run(r).evaluations for r in pending}  # and a warm-up
+        times: dict[int, list[float]] = {r: [] for r in pending}
+        for _ in range(args.restart_repeats):  # every R in turn, so drift hits them alike
+            for r in pending:
+                start = time.perf_counter()
+                run(r)
+                times[r].append(time.perf_counter() - start)
+        for r in pending:
+            record({"section": "restarts", "name": name, "setting": r, "lab_s": min(times[r]),
+                    "seconds_all": times[r], "evaluations": evaluations[r],
                     "threads": torch.get_num_threads()})  # fmt: skip
+        if attack == "dlg" and ("objective", name, 8) not in done:
+            for r, ms in _dlg_objective_ms(obs, args.restart_repeats).items():
+                record({"section": "objective", "name": name, "setting": r,
+                        "lab_s": ms / 1e3})  # fmt: skip
         if ("flops", name, 1) not in done:  # the arithmetic of one restart's budget
             from torch.utils.flop_counter import FlopCounterMode
 
@@ -248,6 +256,30 @@ def restarts(args, done: set, record: Callable[[dict], None]) -> None:
                 atk.reconstruct(obs, generator=torch.Generator().manual_seed(args.seed))
             record({"section": "flops", "name": name, "setting": 1, "lab_s": 0.0,
                     "flops": counter.get_total_flops()})  # fmt: skip
+
+
+def _dlg_objective_ms(obs, repeats: int) -> dict[int, float]:
+    """Milliseconds per call of DLG's batched objective alone (no L-BFGS) at R = 1 and 8
+    restarts, the two timed in turn ``repeats`` times, the fastest kept."""
+    from leakage.attacks.dlg import _Problem
+    from leakage.attacks.matching import setup
+
+    st = setup(obs, dtype="auto", device=None, lbfgs=True)
+    problem = _Problem(st, None)
+    n = problem.nx + problem.y_shape[-1]
+    g = torch.Generator().manual_seed(0)
+    points = {r: torch.rand(r, n, generator=g, dtype=st.dtype) for r in (1, 8)}
+    best = {r: math.inf for r in points}
+    for _ in range(repeats):
+        for r, z in points.items():
+            with st.backend(r):
+                for _ in range(5):
+                    problem.objective(z, list(range(r)))
+                start = time.perf_counter()
+                for _ in range(50):
+                    problem.objective(z, list(range(r)))
+            best[r] = min(best[r], (time.perf_counter() - start) / 50 * 1e3)
+    return best
 
 
 # ---------------------------------------------------------------- DLG time per success
@@ -360,22 +392,30 @@ def _dlg_runs(args, done: set, record: Callable[[dict], None]) -> None:
 
 
 def engines(args, done: set, record: Callable[[dict], None]) -> None:
+    """Each case's loop and vmap engine timed in turn, ``--engine-repeats`` times
+    (each a fresh run of ``--engine-rounds`` rounds, the first untimed); the
+    median updates per second of each engine is kept."""
     fl_throughput = importlib.import_module("fl_throughput")
-    cases = [(m, a, e) for m in ("lenet", "cnn") for a in ("fedsgd", "fedavg")
-             for e in ("loop", "batched")]  # fmt: skip
-    for model, algorithm, engine in cases:
-        name = f"{model}-{algorithm}-{engine}"
-        if ("engines", name, args.engine_clients) in done:
+    for model, algorithm in [(m, a) for m in ("lenet", "cnn") for a in ("fedsgd", "fedavg")]:
+        names = {e: f"{model}-{algorithm}-{e}" for e in ("loop", "batched")}
+        if all(("engines", n, args.engine_clients) in done for n in names.values()):
             continue
         ns = argparse.Namespace(
             dataset="fashion-mnist" if model == "lenet" else "cifar10",
             data_root=args.data_root, per_client=8, rounds=args.engine_rounds,
             algorithm=algorithm, local_steps=5, seed=args.seed, device="cpu",
         )  # fmt: skip
-        got = fl_throughput.measure(ns, model, args.engine_clients, engine)
-        record({"section": "engines", "name": name, "setting": args.engine_clients,
-                "lab_s": got["seconds"], "updates_per_s": got["updates_per_s"],
-                "dataset": ns.dataset, "threads": got["threads"]})  # fmt: skip
+        rates: dict[str, list[float]] = {e: [] for e in names}
+        for _ in range(args.engine_repeats):  # alternately, so drift hits both engines
+            for engine in names:
+                got = fl_throughput.measure(ns, model, args.engine_clients, engine)
+                rates[engine].append(got["updates_per_s"])
+        for engine, name in names.items():
+            rate = statistics.median(rates[engine])
+            record({"section": "engines", "name": name, "setting": args.engine_clients,
+                    "lab_s": args.engine_clients * (args.engine_rounds - 1) / rate,
+                    "updates_per_s": rate, "updates_per_s_all": rates[engine],
+                    "dataset": ns.dataset, "threads": got["threads"]})  # fmt: skip
 
 
 # ---------------------------------------------------------------- summary
@@ -442,6 +482,13 @@ def summary(records: list[dict], command: str) -> str:
                       "torch's FlopCounterMode for one restart, times R, over the seconds):", "",
                       "| case | GFLOP per restart | GFLOP/s, R = 1 | 2 | 4 | 8 |",
                       "|---|--:|--:|--:|--:|--:|", *rates]  # fmt: skip
+        for name in RESTART_CASES:
+            one, eight = by.get(("objective", name, 1)), by.get(("objective", name, 8))
+            if one and eight:
+                lines.append(f"\n{name}: the batched objective alone (no L-BFGS) takes "
+                             f"{one['lab_s'] * 1e3:.2f} ms for one restart and "
+                             f"{eight['lab_s'] * 1e3:.2f} ms for 8, "
+                             f"{eight['lab_s'] / one['lab_s']:.2f}x.")  # fmt: skip
         for name in RESTART_CASES:
             one, eight = by.get(("restarts", name, 1)), by.get(("restarts", name, 8))
             if one and eight:
@@ -523,7 +570,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20, help="timed calls of the lab's scoring")
     p.add_argument("--restart-cases", nargs="+", default=list(RESTART_CASES),
                    choices=list(RESTART_CASES))  # fmt: skip
-    p.add_argument("--restart-repeats", type=int, default=2)
+    p.add_argument(
+        "--restart-repeats",
+        type=int,
+        default=3,
+        help="timed runs per restart count, the counts in turn (fastest kept)",
+    )
     p.add_argument("--data", default=None, help="CIFAR-10 root for the DLG images (default: "
                    "the photographs bundled with scikit-image)")  # fmt: skip
     p.add_argument("--sample-seed", type=int, default=0)
@@ -533,8 +585,13 @@ def main(argv=None) -> int:
     p.add_argument("--original-steps", type=int, default=300)
     p.add_argument("--data-root", default="../shared/datasets")
     p.add_argument("--engine-clients", type=int, default=100)
-    p.add_argument("--engine-rounds", type=int, default=3)
+    p.add_argument("--engine-rounds", type=int, default=11, help="rounds per engine run "
+                   "(the first is not timed)")  # fmt: skip
+    p.add_argument("--engine-repeats", type=int, default=3, help="runs per engine, alternating")
     args = p.parse_args(argv)
+    if args.engine_rounds < 2 or args.engine_repeats < 1:
+        p.error("--engine-rounds must be at least 2 (the first is not timed) and "
+                "--engine-repeats at least 1")  # fmt: skip
     if args.original_dlg and not (Path(args.original_dlg) / "models" / "vision.py").is_file():
         p.error(f"--original-dlg {args.original_dlg}: no models/vision.py there; give a "
                 "checkout of mit-han-lab/dlg")  # fmt: skip

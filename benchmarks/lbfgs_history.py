@@ -16,6 +16,8 @@ succeeding. Records go to
 
     python benchmarks/lbfgs_history.py --data ../shared/datasets
     python benchmarks/lbfgs_history.py --data ../shared/datasets --history 100 400 --images 2
+    python benchmarks/lbfgs_history.py --data ../shared/datasets --history 400 600 \
+        --dtypes float64 float32            # the defaults' precision against float32
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ from leakage.app.store import append_record, load_records, write_atomic  # noqa:
 SUCCESS_DB = 30.0
 
 
-def run(attack: str, history: int, image, label, seed: int) -> dict:
+def run(attack: str, history: int, image, label, seed: int, dtype: str = "auto") -> dict:
     """One attack on one image with ``history`` pairs; seconds, evaluations and PSNR."""
     model = build_model("lenet", num_classes=100, generator=torch.Generator().manual_seed(seed))
     seen = []
     Server(model, [Client(0, image, label)], listeners=[seen.append], seed=seed).run_round()
-    atk = ATTACKS.build(attack, history=history)
+    atk = ATTACKS.build(attack, history=history, dtype=dtype)
     start = time.perf_counter()
     rec = atk.reconstruct(seen[0], generator=torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - start
@@ -52,21 +54,26 @@ def run(attack: str, history: int, image, label, seed: int) -> dict:
             "success": value >= SUCCESS_DB}  # fmt: skip
 
 
+def _dtype(r: dict) -> str:
+    return r.get("dtype", "float64")  # "auto" is float64 for this victim
+
+
 def summary(records: list[dict]) -> str:
     lines = ["# L-BFGS history for DLG and iDLG (development images)", "",
              "Reproduced by `python benchmarks/lbfgs_history.py --data ../shared/datasets`.",
              "CIFAR-10 training images, sigmoid LeNet (100 classes), batch 1, FedSGD, "
              "honest-but-curious server, one thread; success: PSNR >= 30 dB.", "",
-             "| attack | history | runs | successes | evaluations (mean) | seconds (mean) "
-             "| s per success | median PSNR |", "|---|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+             "| attack | precision | history | runs | successes | evaluations (mean) "
+             "| seconds (mean) | s per success | median PSNR |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["attack"], r["history"]), []).append(r)
-    for (attack, history), rs in sorted(groups.items()):
+        groups.setdefault((r["attack"], _dtype(r), r["history"]), []).append(r)
+    for (attack, dtype, history), rs in sorted(groups.items()):
         ok = sum(r["success"] for r in rs)
         total = sum(r["seconds"] for r in rs)
         per = f"{total / ok:.2f}" if ok else "-"
-        lines.append(f"| {attack} | {history} | {len(rs)} | {ok} | "
+        lines.append(f"| {attack} | {dtype} | {history} | {len(rs)} | {ok} | "
                      f"{statistics.mean(r['evaluations'] for r in rs):.0f} | "
                      f"{total / len(rs):.2f} | {per} | "
                      f"{statistics.median(r['psnr'] for r in rs):.1f} |")  # fmt: skip
@@ -80,6 +87,13 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="folder holding CIFAR-10 (see load_dataset)")
     p.add_argument("--attacks", nargs="+", default=["dlg", "idlg"], choices=["dlg", "idlg"])
     p.add_argument("--history", nargs="+", type=int, default=[100, 200, 300, 400, 600])
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float64"],
+        choices=["float64", "float32"],
+        help="precision of the attack (float64 is its default for this victim)",
+    )
     p.add_argument("--images", type=int, default=4, help="development images")
     p.add_argument("--seeds", type=int, default=1, help="victim seeds per image")
     p.add_argument("--sample-seed", type=int, default=123)
@@ -91,22 +105,23 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "records.jsonl"
-    done = {(r["attack"], r["history"], r["image"], r["seed"]) for r in load_records(path)}
+    done = {(r["attack"], _dtype(r), r["history"], r["image"], r["seed"])
+            for r in load_records(path)}  # fmt: skip
     g = torch.Generator().manual_seed(args.sample_seed)
     picks = torch.randperm(len(data), generator=g)[: args.images].tolist()
     torch.set_num_threads(1)
     for index in picks:
         for seed in range(args.seeds):
-            for attack in args.attacks:
-                for history in args.history:  # side by side on each image: drift cancels
-                    if (attack, history, index, seed) in done:
-                        continue
-                    image, label = data.images[index : index + 1], data.labels[index : index + 1]
-                    got = run(attack, history, image, label, seed)
-                    append_record(path, {"attack": attack, "history": history, "image": index,
-                                         "seed": seed, **got})  # fmt: skip
-                    print(attack, history, index, seed, {k: round(v, 2) for k, v in got.items()},
-                          flush=True)  # fmt: skip
+            cases = [(a, d, h) for a in args.attacks for d in args.dtypes for h in args.history]
+            for attack, dtype, history in cases:  # side by side on each image: drift cancels
+                if (attack, dtype, history, index, seed) in done:
+                    continue
+                image, label = data.images[index : index + 1], data.labels[index : index + 1]
+                got = run(attack, history, image, label, seed, dtype)
+                append_record(path, {"attack": attack, "dtype": dtype, "history": history,
+                                     "image": index, "seed": seed, **got})  # fmt: skip
+                print(attack, dtype, history, index, seed,
+                      {k: round(v, 2) for k, v in got.items()}, flush=True)  # fmt: skip
     write_atomic(out / "summary.md", summary(load_records(path)))
     print(summary(load_records(path)))
     return 0
