@@ -12,9 +12,12 @@ One command, four sections (``--only`` picks some):
   batched, against one restart (target: 8 restarts <= 3x one), for IG on the
   sigmoid LeNet and on ResNet-18 and for lock-step DLG on the sigmoid LeNet.
 * ``dlg``: time per success (every image at PSNR >= 30 dB; total seconds over
-  successes) of the lab's DLG and iDLG at batch 1 on the sigmoid LeNet, and,
-  with ``--original-dlg PATH`` (a checkout of mit-han-lab/dlg), of the original
-  code's loop on the same network, weights and images (target: >= 10x).
+  successes) of the lab's DLG and iDLG at batch 1 on the sigmoid LeNet, eager
+  and with ``compile=True`` (timed after one warm-up attack on a development
+  image, whose seconds are recorded apart, as are each objective's
+  milliseconds alone), and, with ``--original-dlg PATH`` (a checkout of
+  mit-han-lab/dlg), of the original code's loop on the same network, weights
+  and images (target: >= 10x).
 * ``engines``: client updates per second of the vmap engine against the client
   loop (``benchmarks/fl_throughput.py``'s measurement, the two engines run in
   turn three times, medians; target: >= 3x for the LeNet at 8 images per
@@ -353,10 +356,73 @@ def dlg(args, done: set, record: Callable[[dict], None]) -> None:
         torch.set_num_threads(previous)  # the sections after it get the threads asked for
 
 
+COMPILED = {"dlg-compiled": "dlg", "idlg-compiled": "idlg"}
+"""The lab's attacks with ``compile=True``: timed after one warm-up attack in the
+process (on a development image), whose compilation is recorded apart."""
+
+
+def _warm_up_compiled(args, done: set, record: Callable[[dict], None]) -> None:
+    """Compile DLG's and iDLG's objectives with one attack each on a development
+    image (a CIFAR-10 *training* image with ``--data``, else the last photograph)
+    and record its seconds; then each objective alone, eager and compiled, timed
+    in turn (one restart, no L-BFGS)."""
+    if args.data:
+        dev, index = load_dataset("cifar10", root=args.data, train=True), 12382
+    else:
+        dev = load_samples()
+        index = len(dev) - 1
+    images, labels = dev.images[index : index + 1], dev.labels[index : index + 1]
+    model = build_model("lenet", num_classes=100, generator=torch.Generator().manual_seed(0))
+    obs = _observe(model, images, labels, 0)
+    torch.set_num_threads(1)
+    for name, base in COMPILED.items():
+        start = time.perf_counter()
+        rec = ATTACKS.build(base, compile=True).reconstruct(obs)
+        seconds = time.perf_counter() - start
+        if ("dlg-compile", name, "warm-up") not in done:
+            record({"section": "dlg-compile", "name": name, "setting": "warm-up",
+                    "lab_s": seconds, "evaluations": rec.evaluations})  # fmt: skip
+        if ("dlg-objective", name, "compiled") in done:
+            continue
+        fixed = None if base == "dlg" else labels
+        ms = _one_objective_ms(obs, fixed, args.restart_repeats)
+        for setting, value in ms.items():
+            record({"section": "dlg-objective", "name": name, "setting": setting,
+                    "lab_s": value / 1e3})  # fmt: skip
+
+
+def _one_objective_ms(obs, labels, repeats: int) -> dict[str, float]:
+    """Milliseconds per call of one restart's matching objective alone, eager and
+    compiled, the two timed in turn ``repeats`` times (50 calls each), the fastest kept."""
+    from leakage.attacks.dlg import _Problem
+    from leakage.attacks.matching import setup
+
+    st = setup(obs, dtype="auto", device=None, lbfgs=True)
+    problems = {"eager": _Problem(st, labels), "compiled": _Problem(st, labels, compiled=True)}
+    n = problems["eager"].nx + (problems["eager"].y_shape[-1] if labels is None else 0)
+    z = torch.rand(1, n, generator=torch.Generator().manual_seed(0), dtype=st.dtype)
+    best = dict.fromkeys(problems, math.inf)
+    with st.backend(1):
+        for _ in range(repeats):
+            for setting, problem in problems.items():
+                for _ in range(5):
+                    problem.objective(z, [0])
+                start = time.perf_counter()
+                for _ in range(50):
+                    problem.objective(z, [0])
+                best[setting] = min(best[setting], (time.perf_counter() - start) / 50 * 1e3)
+    return best
+
+
 def _dlg_runs(args, done: set, record: Callable[[dict], None]) -> None:
     data, source = _dlg_images(args)
     runs = [(i, s) for i in range(len(data.labels)) for s in range(args.seeds)]
-    who = ["dlg", "idlg"] + (["original-dlg"] if args.original_dlg else [])
+    who = ["dlg", "idlg", *COMPILED] + (["original-dlg"] if args.original_dlg else [])
+    todo = [(a, f"{source}#{i}#{s}") for i, s in runs for a in COMPILED]
+    if any(("dlg", a, setting) not in done for a, setting in todo) or not all(
+        ("dlg-objective", a, "compiled") in done for a in COMPILED
+    ):
+        _warm_up_compiled(args, done, record)
     for i, seed in runs:
         for attack in who:  # side by side on each image, so the machine's drift is shared
             key = ("dlg", attack, f"{source}#{i}#{seed}")
@@ -375,7 +441,11 @@ def _dlg_runs(args, done: set, record: Callable[[dict], None]) -> None:
                                     args.original_steps)  # fmt: skip
             else:
                 obs = _observe(model, images, labels, seed)
-                atk = ATTACKS.build(attack)
+                atk = (
+                    ATTACKS.build(COMPILED[attack], compile=True)
+                    if attack in COMPILED
+                    else ATTACKS.build(attack)
+                )
                 start = time.perf_counter()
                 rec = atk.reconstruct(obs, generator=torch.Generator().manual_seed(seed))
                 seconds = time.perf_counter() - start
@@ -502,7 +572,7 @@ def summary(records: list[dict], command: str) -> str:
                   "| attack | images | runs | successes | total s | s per success | "
                   "median PSNR |", "|---|---|--:|--:|--:|--:|--:|"]  # fmt: skip
         per = {}
-        for name in ("dlg", "idlg", "original-dlg"):
+        for name in ("dlg", "idlg", *COMPILED, "original-dlg"):
             group = [r for r in ds if r["name"] == name]
             if not group:
                 continue
@@ -523,8 +593,30 @@ def summary(records: list[dict], command: str) -> str:
                 f"every 10 steps): {len(hits)}/{len(oracle)} reach it, "
                 f"{per['original-dlg, stopped at 30 dB']:.1f} s per success."
             )
+        warm = {r["name"]: r for r in records if r["section"] == "dlg-compile"}
+        for name in COMPILED:
+            if name in warm and name in per:
+                group = [r for r in ds if r["name"] == name]
+                ok = sum(r["success"] for r in group)
+                with_warm = (sum(r["lab_s"] for r in group) + warm[name]["lab_s"]) / max(ok, 1)
+                lines.append(
+                    f"\n{name}: `compile=True`, timed after one warm-up attack in the process "
+                    f"on a development image ({warm[name]['lab_s']:.1f} s, compilation "
+                    f"included, not in the table); counting it, {with_warm:.1f} s per success "
+                    f"over these {len(group)} runs."
+                )
+        objective = {(r["name"], r["setting"]): r for r in records
+                     if r["section"] == "dlg-objective"}  # fmt: skip
+        for name in COMPILED:
+            eager, fast = objective.get((name, "eager")), objective.get((name, "compiled"))
+            if eager and fast:
+                lines.append(
+                    f"\n{COMPILED[name]}'s objective alone (one restart, no L-BFGS, one "
+                    f"thread): {eager['lab_s'] * 1e3:.2f} ms eager, "
+                    f"{fast['lab_s'] * 1e3:.2f} ms compiled."
+                )
         for peer in ("original-dlg", "original-dlg, stopped at 30 dB"):
-            for name in ("dlg", "idlg"):
+            for name in ("dlg", "idlg", *COMPILED):
                 if peer in per and name in per and math.isfinite(per[peer]):
                     x = per[peer] / per[name]
                     lines.append(f"\nTarget {name} >= 10x {peer} per success: {x:.1f}x, "

@@ -18,7 +18,7 @@ import torch
 from fl_core.types import Observation
 
 from ..objectives import cosine_distance, euclidean_distance
-from .matching import Setup
+from .matching import CompiledObjective, Setup
 
 __all__ = [
     "CHECK_EVERY",
@@ -175,31 +175,7 @@ def _objective(st: Setup, space: Space, fixed, terms: Terms, r: int, compiled: b
         grads, obj = torch.func.grad(f, argnums=argnums, has_aux=True)(z, y_logits)
         return obj, (grads,) if y_logits is None else grads
 
-    # one compiled graph per victim architecture, threat model and shape; a sweep over
-    # many of them in one process must not fall back to eager after dynamo's default 8
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    fast = torch.compile(functional, dynamic=False)
-    state = {"fn": None}
-
-    def step(z: torch.Tensor, y_logits: torch.Tensor | None):
-        if state["fn"] is None:
-            try:
-                out = fast(z.detach(), None if y_logits is None else y_logits.detach())
-                state["fn"] = fast
-                return out
-            except Exception as e:  # an unsupported victim or threat model: run eager
-                warnings.warn(
-                    f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                    "inverting gradients runs eager",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                state["fn"] = eager
-        if state["fn"] is eager:
-            return eager(z, y_logits)
-        return fast(z.detach(), None if y_logits is None else y_logits.detach())
-
-    return step
+    return CompiledObjective(functional, eager, "inverting gradients")
 
 
 def solve(

@@ -20,7 +20,7 @@ import torch
 
 from fl_core import Client, LocalTraining, Server, build_model, load_samples
 from fl_core.data import NORMALIZATION
-from leakage import Analytic, InvertingGradients, psnr, score_images
+from leakage import ATTACKS, Analytic, InvertingGradients, psnr, score_images
 from leakage.app.cli import main
 from leakage.attacks.inverting import VanishingGradientWarning, invert_gradients
 from leakage.objectives import cosine_distance
@@ -250,3 +250,42 @@ def test_cli_rejects_bad_modes_in_one_line(flag, value, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and value in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("attack", ["dlg", pytest.param("idlg", marks=pytest.mark.slow)])
+def test_compiled_gradient_matching_follows_the_eager_one(attack):
+    """DLG's loss through torch.compile is the eager loss to float64 rounding: same path.
+
+    float64, as DLG runs on LeNet-sized victims.
+    """
+    data = load_samples(count=1)
+    model = build_model("lenet", num_classes=20, generator=torch.Generator().manual_seed(0))
+    obs, _ = observe(model, data.images, data.labels)
+    kw = dict(steps=2, restarts=1, max_iter=10, dtype="float64")
+    eager = ATTACKS.build(attack, compile=False, **kw).reconstruct(obs)
+    fast = ATTACKS.build(attack, compile=True, **kw).reconstruct(obs)
+    assert fast.evaluations == eager.evaluations
+    assert fast.history == pytest.approx(eager.history, rel=1e-9)
+    torch.testing.assert_close(fast.images, eager.images, atol=1e-6, rtol=0)
+
+
+def test_gradient_matching_runs_eager_where_compilation_fails(monkeypatch):
+    """A victim torch.compile cannot take: one warning, then exactly the eager attack."""
+
+    def broken(fn, **_):
+        def call(*args):
+            raise RuntimeError("unsupported operator\nmore detail")
+
+        return call
+
+    data = load_samples(count=1)
+    model = build_model("mlp", num_classes=20, generator=torch.Generator().manual_seed(0))
+    obs, _ = observe(model, data.images, data.labels)
+    kw = dict(steps=2, restarts=1, max_iter=10)
+    eager = ATTACKS.build("dlg", compile=False, **kw).reconstruct(obs)
+    monkeypatch.setattr(torch, "compile", broken)
+    expected = r"RuntimeError: unsupported operator\); DLG runs eager"
+    with pytest.warns(RuntimeWarning, match=expected):
+        fast = ATTACKS.build("dlg", compile=True, **kw).reconstruct(obs)
+    assert fast.history == eager.history
+    assert torch.equal(fast.images, eager.images)
