@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .client import Client, LocalTraining, float_buffers
+from .compiled import CompiledObjective
 from .types import GroundTruth, Update
 
 __all__ = ["batchable", "batchable_clients", "compute_updates", "group_gradients", "sgd_step"]
@@ -84,6 +85,8 @@ def compute_updates(
     round: int = 0,
     generators: Sequence[torch.Generator],
     chunk_size: int | None = None,
+    compile: bool = False,
+    compiled: dict | None = None,
 ) -> list[tuple[Update, GroundTruth]]:
     """Every client's ``compute_update`` on the global model, vectorised over clients.
 
@@ -124,6 +127,14 @@ def compute_updates(
         chunk_size: clients per vmapped call; ``None`` picks the largest
             count with ``chunk_size × B <= MAX_CHUNK_SAMPLES`` and ``chunk_size
             × parameters <= MAX_CHUNK_SCALARS`` (at least 1).
+        compile: run the vmapped gradient through ``torch.compile``
+            (:class:`~fl_core.compiled.CompiledObjective`: eager, with one
+            warning, where compilation fails). The first call per chunk shape
+            compiles (seconds to a minute on a CPU), so it pays over many
+            rounds; values equal the eager ones up to float rounding.
+        compiled: with ``compile``, a dict the caller keeps between calls (the
+            compiled functions live there, so a failed compilation warns once);
+            ``None``: a new one per call.
 
     Returns:
         ``(update, ground_truth)`` per client, in client order. Update tensors
@@ -150,6 +161,8 @@ def compute_updates(
     model.train()  # as the loop does; restored below
     try:
         loss_grad = grad(_loss_fn(model))  # (params, x (B, C, H, W), y (B,)) -> params' grads
+        cache = (compiled if compiled is not None else {}) if compile else None
+        steps = {mode: _vmapped(loss_grad, mode, cache) for mode in ("fedsgd", "fedavg")}
         for key, members in groups.items():
             b = key[1]
             samples = MAX_CHUNK_SAMPLES.get(device.type, MAX_CHUNK_SAMPLES["cpu"])
@@ -159,10 +172,11 @@ def compute_updates(
                 cs = [clients[i] for i in chunk]
                 bs = [batches[i] for i in chunk]
                 if key[0] == "fedsgd":
-                    results = _fedsgd_chunk(loss_grad, glob, names, cs, bs, device, round)
+                    results = _fedsgd_chunk(steps["fedsgd"], glob, names, cs, bs, device, round)
                 else:
                     t = cs[0].training
-                    results = _fedavg_chunk(loss_grad, glob, names, cs, bs, device, round, t)
+                    step = steps["fedavg"]
+                    results = _fedavg_chunk(step, glob, names, cs, bs, device, round, t)
                 for i, r in zip(chunk, results):
                     out[i] = r
     finally:
@@ -397,13 +411,25 @@ def group_gradients(
     return {n: out[n] for n, _ in model.named_parameters()}
 
 
-def _fedsgd_chunk(loss_grad, glob, names, clients, batches, device, round):
+def _vmapped(loss_grad, mode: str, compiled: dict | None):
+    """Every client's gradient in one call: at the shared global parameters
+    (``"fedsgd"``) or at each client's own (``"fedavg"``); through
+    ``torch.compile`` when ``compiled`` is a dict (its cache)."""
+    eager = vmap(loss_grad, in_dims=(None, 0, 0) if mode == "fedsgd" else (0, 0, 0))
+    if compiled is None:
+        return eager
+    if mode not in compiled:
+        compiled[mode] = CompiledObjective(eager, eager, "the compiled client engine")
+    return compiled[mode]
+
+
+def _fedsgd_chunk(clients_grad, glob, names, clients, batches, device, round):
     xs = [c.images[bs[0]] for c, bs in zip(clients, batches)]  # K x (B, C, H, W)
     ys = [c.labels[bs[0]] for c, bs in zip(clients, batches)]  # K x (B,)
     x, y = _stack_to(xs, device), _stack_to(ys, device)  # (K, B, C, H, W), (K, B)
     # vmap, not group_gradients: in float32 on the CPU its grouped convolutions ran
     # 2-3x faster than unfold and batched products (lenet, cnn; 100 clients of 8)
-    grads = vmap(loss_grad, in_dims=(None, 0, 0))(glob, x, y)  # name -> (K, *shape)
+    grads = clients_grad(glob, x, y)  # name -> (K, *shape)
     out = []
     for c, tensors, xk, yk in zip(clients, _per_client(grads, names), xs, ys):
         update = Update(
@@ -418,11 +444,10 @@ def _fedsgd_chunk(loss_grad, glob, names, clients, batches, device, round):
     return out
 
 
-def _fedavg_chunk(loss_grad, glob, names, clients, batches, device, round, t: LocalTraining):
+def _fedavg_chunk(step_grad, glob, names, clients, batches, device, round, t: LocalTraining):
     k_ = len(clients)
     local = {n: p.expand(k_, *p.shape).clone() for n, p in glob.items()}  # (K, *shape)
     buffers: dict[str, torch.Tensor] = {}
-    step_grad = vmap(loss_grad, in_dims=(0, 0, 0))
     for s in range(t.local_steps):
         x = _stack_to([c.images[bs[s]] for c, bs in zip(clients, batches)], device)  # (K, B, ...)
         y = _stack_to([c.labels[bs[s]] for c, bs in zip(clients, batches)], device)  # (K, B)

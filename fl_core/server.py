@@ -73,7 +73,7 @@ Aggregator = Callable[[Sequence[Update]], tuple[torch.Tensor, ...]]
 PostAggregation = Callable[..., Sequence[torch.Tensor]]
 
 
-ENGINES = ("auto", "batched", "loop")
+ENGINES = ("auto", "batched", "compiled", "loop")
 """How the in-process server computes client updates (see :meth:`Server.local_updates`)."""
 
 
@@ -217,9 +217,12 @@ class Server:
         engine: how the sampled clients compute: ``"loop"`` one after the other
             on a working copy (the general path), ``"batched"`` the plain
             clients of a BatchNorm-free victim in one vectorised call
-            (:mod:`fl_core.batched`), ``"auto"`` batched on CUDA when two or
-            more clients allow it, the loop on the CPU (where vmap's per-client
-            convolution gradients are slower for larger victims; see
+            (:mod:`fl_core.batched`), ``"compiled"`` the batched path with its
+            vmapped gradient through ``torch.compile`` (the first round
+            compiles, so it pays over many rounds; the same values up to float
+            rounding), ``"auto"`` batched on CUDA when two or more clients
+            allow it, the loop on the CPU (where vmap's per-client convolution
+            gradients are slower for larger victims; see
             ``benchmarks/fl_throughput.py``). The choice never depends on
             timing, so a config gives the same numbers on every run.
         modification: a malicious server's model modification (see the module
@@ -265,6 +268,7 @@ class Server:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         self.engine = engine
+        self._compiled: dict = {}  # the compiled engine's functions, kept across rounds
         self.modification = modification
         self.seed = seed
         self.round = 0
@@ -338,6 +342,8 @@ class Server:
                 together,
                 round=round,
                 generators=[generators[c.client_id] for c in together],
+                compile=self.engine == "compiled",
+                compiled=self._compiled,
             )
             for client, (update, truth) in zip(together, computed):
                 g = generators[client.client_id]

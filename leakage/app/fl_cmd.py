@@ -143,7 +143,7 @@ def build_run(cfg: FLConfig):
         clients_per_round=cfg.clients_per_round,
         server_lr=cfg.server_lr,
         seed=cfg.seed,
-        engine={True: "batched", False: "loop"}.get(cfg.batched, "auto"),
+        engine={True: "batched", False: "loop", "compiled": "compiled"}.get(cfg.batched, "auto"),
         **plan.server_kwargs(),
     )
     return server, test, attack

@@ -63,8 +63,10 @@ class FLConfig:
             runtime, :mod:`fl_core.flower`; needs the ``flower`` extra).
         batched: the local engine's client computation: ``true`` (plain
             clients of a BatchNorm-free victim in one vectorised call), ``false``
-            (the client loop) or ``auto`` (vectorised on CUDA, the loop on the
-            CPU, where it is faster for lenet but slower for cnn on CIFAR-10).
+            (the client loop), ``compiled`` (vectorised, through
+            ``torch.compile``: the first round compiles, later ones run faster)
+            or ``auto`` (vectorised on CUDA, the loop on the CPU, where it is
+            faster for lenet but slower for cnn on CIFAR-10).
         ray_address: with ``engine: flower``, an existing Ray cluster
             (``HEAD:6379``) instead of a local Ray instance.
         out: output folder (``None``: a new folder under ``results/``).
@@ -143,8 +145,8 @@ class FLConfig:
         put("weighting", check_text("weighting", self.weighting, choices=WEIGHTINGS))
         put("seed", check_whole("seed", self.seed, low=0, high=MAX_SEED))
         put("device", check_device("device", self.device))
-        if not (isinstance(self.batched, bool) or self.batched == "auto"):
-            raise ValueError(f"batched must be auto, true or false; got {self.batched!r}")
+        if not (isinstance(self.batched, bool) or self.batched in ("auto", "compiled")):
+            raise ValueError(f"batched must be auto, true, false or compiled; got {self.batched!r}")
         for block in ("attack_args", "defense_args"):
             value = getattr(self, block)
             if value is None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from fl_core.compiled import CompiledObjective
 from fl_core.types import Observation
 
 from ..simulate import UpdateSimulator
@@ -40,46 +40,6 @@ NATIVE_CONV_MODEL = 100_000
 """Parameter count below which one or two problems run on the native CPU convolutions."""
 
 INITS = ("auto", "uniform", "randn")
-
-
-class CompiledObjective:
-    """An attack's objective through ``torch.compile``, with its eager twin as fallback.
-
-    ``functional`` must compute what ``eager`` computes with :mod:`torch.func`
-    only (``torch.func.grad`` for every derivative), so the whole double
-    backward becomes one graph; it receives its tensor arguments detached. The
-    first call compiles (one graph per victim architecture, threat model and
-    shape, reused by later attacks in the process); if it fails, a warning
-    names ``what`` and every call from then on runs ``eager``.
-    """
-
-    def __init__(self, functional: Callable, eager: Callable, what: str) -> None:
-        # a sweep over many architectures and threat models in one process must
-        # not fall back to eager after dynamo's default of 8 graphs per function
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.fast = torch.compile(functional, dynamic=False)
-        self.eager, self.what = eager, what
-        self.fn: Callable | None = None
-
-    def _fast(self, *args):
-        return self.fast(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-
-    def __call__(self, *args):
-        if self.fn is None:
-            try:
-                out = self._fast(*args)
-            except Exception as e:  # an unsupported victim or threat model: run eager
-                first = str(e).splitlines()[0][:200] if str(e) else ""
-                warnings.warn(
-                    f"torch.compile failed ({type(e).__name__}: {first}); {self.what} runs eager",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self.fn = self.eager
-            else:
-                self.fn = self._fast
-                return out
-        return self.fn(*args)
 
 
 def resolve_init(init: str, spec) -> str:

@@ -12,6 +12,7 @@ matrix products) agree to a few units of 1e-7 relative to the tensor's scale;
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -375,13 +376,56 @@ def test_server_rounds_match_between_batched_and_loop(algorithm):
     assert max(float((p - q).abs().max()) for p, q in zip(loop_params, initial)) > 0
 
 
+@pytest.mark.slow  # compiles four graphs: ~1 minute on 2 CPU cores
+@pytest.mark.parametrize("algorithm", ["fedsgd", "fedavg"])
+def test_compiled_engine_matches_loop(algorithm):
+    """torch.compile reorders the float arithmetic only: the loop's updates to tolerance."""
+    training = LocalTraining(algorithm, batch_size=3, local_steps=2, lr=0.1, momentum=0.5)
+    clients = _clients([5, 4, 6, 3], [training] * 4)
+    seeds = [5, 6, 7, 8]
+    want, gens_loop = _loop(_model("lenet"), clients, seeds, round=2)
+    got, gens_compiled = _batched(_model("lenet"), clients, seeds, round=2, compile=True)
+    _assert_same(got, want)
+    for x, y in zip(gens_compiled, gens_loop):
+        assert torch.equal(x.get_state(), y.get_state())
+
+
+def test_compiled_engine_runs_eager_where_compilation_fails(monkeypatch):
+    """One warning per server, then exactly the batched engine's numbers."""
+    from fl_core import Server
+
+    def broken(fn, **_):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return call
+
+    training = LocalTraining("fedsgd", batch_size=3)
+    params = {}
+    for engine in ("batched", "compiled"):
+        server = Server(_model(), _clients([4, 5, 3], [training] * 3), seed=1, engine=engine)
+        if engine == "compiled":
+            monkeypatch.setattr(torch, "compile", broken)
+            with pytest.warns(RuntimeWarning, match="no C.. compiler.*engine runs eager"):
+                server.run_round()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the second round does not warn again
+                server.run_round()
+        else:
+            server.run_round()
+            server.run_round()
+        params[engine] = [p.detach().clone() for p in server.model.parameters()]
+    for a, b in zip(params["batched"], params["compiled"]):
+        assert torch.equal(a, b)
+
+
 def test_server_auto_engine_batches_only_on_cuda():
     from fl_core import Server
 
     clients = _clients([4, 4], [LocalTraining("fedsgd")] * 2)
     assert Server(_model(), clients, engine="auto")._batchable(clients) == []
     assert len(Server(_model(), clients, engine="batched")._batchable(clients)) == 2
-    with pytest.raises(ValueError, match="unknown engine 'vmap'; valid: auto, batched, loop"):
+    with pytest.raises(ValueError, match="unknown engine 'vmap'; valid: auto, batched, compiled"):
         Server(_model(), clients, engine="vmap")
 
 

@@ -108,7 +108,7 @@ def test_the_attack_moves_the_model_and_krum_undoes_it(tmp_path):
         ({"defense_args": {"type": "krum", "f": 1}}, "krum needs n >= 2f + 3 (n=4, f=1)"),
         ({"defense_args": {"type": "bulyan", "f": 1}}, "bulyan needs n >= 4f + 3 (n=4, f=1)"),
         ({"engine": "spark"}, "unknown engine 'spark'; valid: local, flower"),
-        ({"batched": "maybe"}, "batched must be auto, true or false"),
+        ({"batched": "maybe"}, "batched must be auto, true, false or compiled"),
         pytest.param(
             {"device": "cuda"},
             "no CUDA device here; use cpu",
