@@ -5,6 +5,8 @@ CIFAR-10 *training* image (the development set of ``benchmarks/lbfgs_history.py`
 observed through one FedSGD round by an honest-but-curious server. Cases:
 
 * ``dlg``, ``idlg``: the attacks' defaults, run to convergence;
+* ``dlg compiled``, ``idlg compiled``: the same with ``compile=True`` (the
+  untimed first run compiles);
 * ``ig``: inverting gradients, 300 iterations, one restart;
 * ``dlg x8``: lock-step DLG, 8 restarts batched, 5 L-BFGS steps each;
 * ``ig x8``: inverting gradients, 8 restarts batched, 200 iterations.
@@ -36,6 +38,8 @@ from leakage.app.store import write_atomic  # noqa: E402
 CASES = {
     "dlg": ("dlg", {}),
     "idlg": ("idlg", {}),
+    "dlg compiled": ("dlg", {"compile": True}),
+    "idlg compiled": ("idlg", {"compile": True}),
     "ig": ("ig", {"steps": 300, "restarts": 1}),
     "dlg x8": (
         "dlg",
