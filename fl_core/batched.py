@@ -132,9 +132,10 @@ def compute_updates(
             warning, where compilation fails). The first call per chunk shape
             compiles (seconds to a minute on a CPU), so it pays over many
             rounds; values equal the eager ones up to float rounding.
-        compiled: with ``compile``, a dict the caller keeps between calls (the
-            compiled functions live there, so a failed compilation warns once);
-            ``None``: a new one per call.
+        compiled: with ``compile``, a dict the caller keeps between calls on
+            the same ``model`` (the compiled functions, bound to that model,
+            live there, so a failed compilation warns once); ``None``: a new
+            one per call.
 
     Returns:
         ``(update, ground_truth)`` per client, in client order. Update tensors
