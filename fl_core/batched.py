@@ -132,10 +132,10 @@ def compute_updates(
             warning, where compilation fails). The first call per chunk shape
             compiles (seconds to a minute on a CPU), so it pays over many
             rounds; values equal the eager ones up to float rounding.
-        compiled: with ``compile``, a dict the caller keeps between calls on
-            the same ``model`` (the compiled functions, bound to that model,
-            live there, so a failed compilation warns once); ``None``: a new
-            one per call.
+        compiled: with ``compile``, a dict the caller keeps between calls (the
+            compiled functions live there, bound to ``model``, so a failed
+            compilation warns once; called with another model, it starts
+            afresh); ``None``: a new one per call.
 
     Returns:
         ``(update, ground_truth)`` per client, in client order. Update tensors
@@ -163,6 +163,9 @@ def compute_updates(
     try:
         loss_grad = grad(_loss_fn(model))  # (params, x (B, C, H, W), y (B,)) -> params' grads
         cache = (compiled if compiled is not None else {}) if compile else None
+        if cache is not None and cache.get("model") is not model:
+            cache.clear()  # its functions were bound to another model: compile anew
+            cache["model"] = model
         steps = {mode: _vmapped(loss_grad, mode, cache) for mode in ("fedsgd", "fedavg")}
         for key, members in groups.items():
             b = key[1]

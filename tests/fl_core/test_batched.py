@@ -419,6 +419,27 @@ def test_compiled_engine_runs_eager_where_compilation_fails(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_compiled_cache_follows_the_model_it_is_given(monkeypatch):
+    """A cache kept across calls never runs another model's functions."""
+
+    def broken(fn, **_):  # no compilation: the cached eager functions decide the result
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    clients = _clients([4, 5], [LocalTraining("fedsgd", batch_size=3)] * 2)
+    cache: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _batched(_model("lenet"), clients, [1, 2], round=0, compile=True, compiled=cache)
+        got, _ = _batched(_model("cnn"), clients, [1, 2], round=0, compile=True, compiled=cache)
+    want, _ = _batched(_model("cnn"), clients, [1, 2], round=0)
+    for (u, _), (v, _) in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(u.tensors, v.tensors))
+
+
 def test_server_auto_engine_batches_only_on_cuda():
     from fl_core import Server
 
