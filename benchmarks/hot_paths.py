@@ -249,7 +249,8 @@ def restarts(args, done: set, record: Callable[[dict], None]) -> None:
                     "seconds_all": times[r], "evaluations": evaluations[r],
                     "threads": torch.get_num_threads()})  # fmt: skip
         if attack == "dlg" and ("objective", name, 8) not in done:
-            for r, ms in _dlg_objective_ms(obs, args.restart_repeats).items():
+            cases = {r: (None, False, r) for r in (1, 8)}
+            for r, ms in _objective_ms(obs, cases, args.restart_repeats).items():
                 record({"section": "objective", "name": name, "setting": r,
                         "lab_s": ms / 1e3})  # fmt: skip
         if ("flops", name, 1) not in done:  # the arithmetic of one restart's budget
@@ -262,27 +263,31 @@ def restarts(args, done: set, record: Callable[[dict], None]) -> None:
                     "flops": counter.get_total_flops()})  # fmt: skip
 
 
-def _dlg_objective_ms(obs, repeats: int) -> dict[int, float]:
-    """Milliseconds per call of DLG's batched objective alone (no L-BFGS) at R = 1 and 8
-    restarts, the two timed in turn ``repeats`` times, the fastest kept."""
+def _objective_ms(obs, cases: dict, repeats: int) -> dict:
+    """Milliseconds per call of DLG's matching objective alone (no L-BFGS) for each
+    case ``key -> (labels or None, compiled, restarts R)``: the cases timed in turn
+    ``repeats`` times (50 calls each after 5 untimed ones), the fastest kept."""
     from leakage.attacks.dlg import _Problem
     from leakage.attacks.matching import setup
 
     st = setup(obs, dtype="auto", device=None, lbfgs=True)
-    problem = _Problem(st, None)
-    n = problem.nx + problem.y_shape[-1]
     g = torch.Generator().manual_seed(0)
-    points = {r: torch.rand(r, n, generator=g, dtype=st.dtype) for r in (1, 8)}
-    best = {r: math.inf for r in points}
+    timed = {}
+    for key, (labels, compiled, r) in cases.items():
+        problem = _Problem(st, labels, compiled=compiled)
+        n = problem.nx + (problem.y_shape[-1] if labels is None else 0)
+        timed[key] = (problem, torch.rand(r, n, generator=g, dtype=st.dtype))
+    best = dict.fromkeys(cases, math.inf)
     for _ in range(repeats):
-        for r, z in points.items():
-            with st.backend(r):
+        for key, (problem, z) in timed.items():
+            which = list(range(len(z)))
+            with st.backend(len(z)):
                 for _ in range(5):
-                    problem.objective(z, list(range(r)))
+                    problem.objective(z, which)
                 start = time.perf_counter()
                 for _ in range(50):
-                    problem.objective(z, list(range(r)))
-            best[r] = min(best[r], (time.perf_counter() - start) / 50 * 1e3)
+                    problem.objective(z, which)
+            best[key] = min(best[key], (time.perf_counter() - start) / 50 * 1e3)
     return best
 
 
@@ -386,33 +391,11 @@ def _warm_up_compiled(args, done: set, record: Callable[[dict], None]) -> None:
         if ("dlg-objective", name, "compiled") in done:
             continue
         fixed = None if base == "dlg" else labels
-        ms = _one_objective_ms(obs, fixed, args.restart_repeats)
+        cases = {"eager": (fixed, False, 1), "compiled": (fixed, True, 1)}
+        ms = _objective_ms(obs, cases, args.restart_repeats)
         for setting, value in ms.items():
             record({"section": "dlg-objective", "name": name, "setting": setting,
                     "lab_s": value / 1e3})  # fmt: skip
-
-
-def _one_objective_ms(obs, labels, repeats: int) -> dict[str, float]:
-    """Milliseconds per call of one restart's matching objective alone, eager and
-    compiled, the two timed in turn ``repeats`` times (50 calls each), the fastest kept."""
-    from leakage.attacks.dlg import _Problem
-    from leakage.attacks.matching import setup
-
-    st = setup(obs, dtype="auto", device=None, lbfgs=True)
-    problems = {"eager": _Problem(st, labels), "compiled": _Problem(st, labels, compiled=True)}
-    n = problems["eager"].nx + (problems["eager"].y_shape[-1] if labels is None else 0)
-    z = torch.rand(1, n, generator=torch.Generator().manual_seed(0), dtype=st.dtype)
-    best = dict.fromkeys(problems, math.inf)
-    with st.backend(1):
-        for _ in range(repeats):
-            for setting, problem in problems.items():
-                for _ in range(5):
-                    problem.objective(z, [0])
-                start = time.perf_counter()
-                for _ in range(50):
-                    problem.objective(z, [0])
-                best[setting] = min(best[setting], (time.perf_counter() - start) / 50 * 1e3)
-    return best
 
 
 def _dlg_runs(args, done: set, record: Callable[[dict], None]) -> None:

@@ -166,7 +166,6 @@ def compute_updates(
         if cache is not None and cache.get("model") is not model:
             cache.clear()  # its functions were bound to another model: compile anew
             cache["model"] = model
-        steps = {mode: _vmapped(loss_grad, mode, cache) for mode in ("fedsgd", "fedavg")}
         for key, members in groups.items():
             b = key[1]
             samples = MAX_CHUNK_SAMPLES.get(device.type, MAX_CHUNK_SAMPLES["cpu"])
@@ -175,11 +174,11 @@ def compute_updates(
                 chunk = members[start : start + size]
                 cs = [clients[i] for i in chunk]
                 bs = [batches[i] for i in chunk]
+                step = _vmapped(loss_grad, key[0], cache)
                 if key[0] == "fedsgd":
-                    results = _fedsgd_chunk(steps["fedsgd"], glob, names, cs, bs, device, round)
+                    results = _fedsgd_chunk(step, glob, names, cs, bs, device, round)
                 else:
                     t = cs[0].training
-                    step = steps["fedavg"]
                     results = _fedavg_chunk(step, glob, names, cs, bs, device, round, t)
                 for i, r in zip(chunk, results):
                     out[i] = r

@@ -1,7 +1,7 @@
 """A function through ``torch.compile``, with its eager twin as the fallback.
 
 Used by the client engine's compiled form (:mod:`fl_core.batched`) and by the
-attacks' compiled objectives (:mod:`leakage.attacks.matching`).
+attacks' compiled objectives (DLG and iDLG, inverting gradients).
 """
 
 from __future__ import annotations

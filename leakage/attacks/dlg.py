@@ -46,13 +46,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from fl_core.compiled import CompiledObjective
 from fl_core.types import Observation
 
 from ..optim import LBFGS, step_together
 from .base import ATTACKS, Reconstruction
 from .matching import (
     SMALL_MODEL,
-    CompiledObjective,
     OptimisationAttack,
     Setup,
     random_starts,
@@ -146,7 +146,7 @@ def match_gradients(
         support: ``"all"`` or ``"nonzero"``: match only the entries the observed
             update kept (against pruning; see :func:`~leakage.attacks.matching.setup`).
         compile: evaluate one restart's matching loss and its gradient through
-            ``torch.compile`` (:class:`~leakage.attacks.matching.CompiledObjective`;
+            ``torch.compile`` (:class:`~fl_core.compiled.CompiledObjective`;
             batched restarts stay eager). Pays over many attacks in one process:
             the first compiles (DLG's first attack on the sigmoid LeNet took
             10.5 s with inductor's on-disk cache warm, longer cold), later ones

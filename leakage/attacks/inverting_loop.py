@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fl_core.compiled import CompiledObjective
 from fl_core.types import Observation
 
 from ..objectives import cosine_distance, euclidean_distance
-from .matching import CompiledObjective, Setup
+from .matching import Setup
 
 __all__ = [
     "CHECK_EVERY",

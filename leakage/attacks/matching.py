@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import torch
 
-from fl_core.compiled import CompiledObjective
 from fl_core.types import Observation
 
 from ..simulate import UpdateSimulator
@@ -24,7 +23,6 @@ from .base import Reconstruction
 
 __all__ = [
     "SMALL_MODEL",
-    "CompiledObjective",
     "OptimisationAttack",
     "Setup",
     "attack_labels",
