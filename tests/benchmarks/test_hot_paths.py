@@ -49,8 +49,12 @@ def test_history_summary_counts_successes_per_precision():
          "success": False},
         {"attack": "dlg", "dtype": "float32", "history": 400, "seconds": 30.0,
          "evaluations": 5000, "psnr": 44.0, "success": True},
+        {"attack": "dlg", "dtype": "float64", "rows": "float32", "history": 400,
+         "seconds": 5.0, "evaluations": 990, "psnr": 44.5, "success": True},
     ]  # fmt: skip
     rows = [line for line in history.summary(runs).splitlines() if line.startswith("| dlg")]
-    # 16 s over one success; evaluations and seconds are means over both runs
-    assert rows[0] == "| dlg | float32 | 400 | 1 | 1 | 5000 | 30.00 | 30.00 | 44.0 |"
-    assert rows[1] == "| dlg | float64 | 400 | 2 | 1 | 2000 | 8.00 | 16.00 | 35.0 |"
+    # 16 s over one success; evaluations and seconds are means over both runs; a
+    # record without "rows" kept its pairs in the attack's precision
+    assert rows[0] == "| dlg | float32 | float32 | 400 | 1 | 1 | 5000 | 30.00 | 30.00 | 44.0 |"
+    assert rows[1] == "| dlg | float64 | float32 | 400 | 1 | 1 | 990 | 5.00 | 5.00 | 44.5 |"
+    assert rows[2] == "| dlg | float64 | float64 | 400 | 2 | 1 | 2000 | 8.00 | 16.00 | 35.0 |"
