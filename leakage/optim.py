@@ -68,14 +68,19 @@ class LBFGS:
             the pairs are rounded before they are stored and their Gram
             matrices are those of the rounded rows (float64), so H stays the
             L-BFGS matrix of the pairs it holds. The projections are computed
-            in the rows' precision, and the changes' products with the history
-            by a pass of their own: the difference of two rounded projections
-            of consecutive gradients would carry an error relative to the
-            gradient, not to the change, which is much smaller wherever L-BFGS
-            converges slowly.
+            in the rows' precision; the changes' products with the history come
+            from a pass of their own where the change is much smaller than the
+            gradient (see :attr:`CHANGE_FLOOR`), since the difference of two
+            rounded projections of consecutive gradients carries an error
+            relative to the gradient, not to the change.
     """
 
     c1, c2, max_ls = 1e-4, 0.9, 25
+    CHANGE_FLOOR = 0.25
+    """With lower-precision rows, [S; Y]·y comes from the difference of the two
+    gradients' projections only while ‖y‖ >= this fraction of ‖g‖ (the
+    difference's rounding error is relative to ‖g‖, so at most ~4x that of a
+    direct pass); DLG's changes on the LeNet are mostly of the gradient's size."""
 
     def __init__(
         self,
@@ -205,11 +210,14 @@ class LBFGS:
         products with the history come from it ([S; Y]·y = [S; Y]·g_new − [S; Y]·g)
         and from the direction's ([S; Y]·s = t·[S; Y]·d); the slot the pair
         replaces is patched with direct dot products. Rows of a lower precision
-        take a second pass, for [S; Y]·y.
+        take a second pass, for [S; Y]·y, when the change is small against the
+        gradient (below :attr:`CHANGE_FLOOR` of it).
         """
         k, m = self.k, self.m
-        if self._rounded:
-            proj_g = None
+        if self._rounded and (
+            self._proj is None or float(y.norm()) < self.CHANGE_FLOOR * float(torch.dist(g_new, y))
+        ):
+            proj_g = None  # [S; Y]·y by a pass of its own
         else:
             proj_g = self._proj if self._proj is not None else self._project(g_new - y)
         proj_new = self._project(g_new)  # (2, k), slot order

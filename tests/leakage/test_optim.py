@@ -8,6 +8,8 @@ history's Gram matrices are checked against the products of the stored rows.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -74,12 +76,16 @@ def test_lbfgs_minimises_the_quartic():
 
 
 @pytest.mark.parametrize("history", [5, 100])
-def test_float32_pairs_give_the_two_loop_direction_of_the_stored_pairs(history):
+@pytest.mark.parametrize("floor", [0.0, math.inf])
+def test_float32_pairs_give_the_two_loop_direction_of_the_stored_pairs(history, floor):
     """Pairs kept in float32 under a float64 variable: the direction is the
     two-loop recursion on the pairs as stored (rounded), to float32 accuracy, and
-    the Gram matrices are those of the stored rows."""
+    the Gram matrices are those of the stored rows, whether the changes'
+    products come from the gradients' projections (floor 0) or a pass of their
+    own (floor inf)."""
     fun, z = _problem(0)
     opt = LBFGS(fun, z, history=history, history_dtype=torch.float32)
+    opt.CHANGE_FLOOR = floor
     for _ in range(3):
         opt.step(4)
     assert opt.S.dtype == torch.float32 and len(opt.slots) >= 2
