@@ -27,10 +27,11 @@ class CompiledObjective:
     ``lean=True`` cuts the Python work around each call, for objectives called
     thousands of times at a few milliseconds each (DLG's on the LeNet, timed
     both ways in ``benchmarks/results/hot_paths/summary.md``): inductor's
-    wrapper is generated as C++ (``cpp_wrapper``), and dynamo's guards (~260 for
-    a LeNet closure, ~0.35 ms per call) are skipped on a call whose tensors have
-    the first call's shapes, dtypes and devices while the function holds one
-    compiled graph only. The first call evaluated every guard and selected that
+    wrapper is generated as C++ (``cpp_wrapper``), and dynamo's guards (one or
+    more per module attribute, parameter and global flag the closure reads) are
+    skipped on a call whose tensors have the first call's shapes, dtypes,
+    devices and ``requires_grad`` while the function holds one compiled graph
+    only. The first call evaluated every guard and selected that
     graph, and a caller that keeps its closure fixed (one attack's victim,
     observation and labels) passes the same guards on every later call. With
     two graphs or more (another architecture compiled through the same
@@ -85,7 +86,8 @@ class CompiledObjective:
 
 
 def _metadata(args: tuple) -> tuple | None:
-    """Shapes, dtypes and devices of ``args``; ``None`` (never equal) if one is not a tensor."""
+    """Shapes, dtypes, devices and ``requires_grad`` of ``args``; ``None`` (never equal)
+    if one is not a tensor."""
     if not all(isinstance(a, torch.Tensor) for a in args):
         return None
     return tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in args)
