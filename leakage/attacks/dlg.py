@@ -132,7 +132,7 @@ def match_gradients(
             ``benchmarks/results/lbfgs_rows/summary.md``) float32 pairs under
             a float64 attack took the same evaluations as float64 ones (DLG
             1,111 against 1,116 on average, iDLG 722 against 728), every run
-            succeeding either way with PSNRs within 0.8 dB of each other, in
+            succeeding either way with PSNRs within 0.9 dB of each other, in
             6% less time for DLG and 17% for iDLG (eager, one run): L-BFGS's
             passes over 400-600 pairs read half the memory.
         init: ``"uniform"`` (U[0, 1], the lab's default) or ``"randn"`` (N(0, 1),
