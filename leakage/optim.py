@@ -10,17 +10,21 @@ pass over the stored pairs for the direction, one for the new gradient's
 projections, and two k×k triangular solves (k ≤ m pairs stored).
 
 The pairs stay in a ring of slots (no row of the n-wide history is ever
-moved). Their k×k Gram matrices are kept in chronological order, as a window
-that slides along a larger buffer: storing a pair writes one row and column,
-dropping the oldest moves the window's corner, and the window is copied back
-to the buffer's corner once every m/4 pairs. Gathering the matrices from ring
-order at every iteration cost 0.9 ms per 400×400 matrix, and rebuilding them
-(one copy each per pair) 0.4 ms per iteration, against 1.3 ms for both passes
-over 400 pairs of 3,172 unknowns. The triangular solves take a contiguous copy
-of SᵀY's window (torch copies a strided one into column order for each
-solve, which is slower). An inverse of R kept column by column instead of
-the solves stalled L-BFGS near the optimum (the pairs' scales span many
-orders of magnitude there, and an explicit inverse is not backward stable).
+moved). The inverse form needs two k×k matrices of the pairs, R (SᵀY's upper
+triangle) and YᵀY; SᵀS and SᵀY's lower triangle are not kept (keeping them
+took four more k×k products per iteration, for [S; Y]·d, ~0.3 ms at
+k = 400). The two are kept in chronological order, as a window that slides
+along a larger buffer: storing a pair writes one column of R and one row and
+column of YᵀY, dropping the oldest moves the window's corner, and the window
+is copied back to the buffer's corner once every m/4 pairs. Gathering the
+matrices from ring order at every iteration cost 0.9 ms per 400×400 matrix,
+and rebuilding them (one copy each per pair) 0.4 ms per iteration, against
+1.3 ms for both passes over 400 pairs of 3,172 unknowns. The triangular
+solves take a contiguous copy of R's window in memory allocated once (torch
+copies a strided one into column order for each solve, which is slower). An
+inverse of R kept column by column instead of the solves stalled L-BFGS near
+the optimum (the pairs' scales span many orders of magnitude there, and an
+explicit inverse is not backward stable).
 
 Also unlike torch's version: a curvature pair is kept when sᵀy > 1e-10·‖s‖‖y‖
 (relative, so the scale of the objective does not matter), and the strong-Wolfe
@@ -65,8 +69,8 @@ class LBFGS:
         tolerance_change: stop when a step changes the loss or z less than this.
         history_dtype: precision the stored pairs are kept in (``None``: z's).
             float32 rows under a float64 z halve the memory the two passes read;
-            the pairs are rounded before they are stored and their Gram
-            matrices are those of the rounded rows (float64), so H stays the
+            the pairs are rounded before they are stored and R and YᵀY are
+            those of the rounded rows (float64), so H stays the
             L-BFGS matrix of the pairs it holds. The projections are computed
             in the rows' precision; the changes' products with the history come
             from a pass of their own where the change is much smaller than the
@@ -110,8 +114,12 @@ class LBFGS:
         self.head = 0
         self._cycle = torch.arange(2 * m, device=z.device) % m
         cap = m + max(8, m // 4)
-        # SᵀS, SᵀY and YᵀY, each chronological in the window [o, o + k)²
-        self._gram = z.new_zeros(3, cap, cap)
+        # SᵀY (upper triangle only: R) and YᵀY, chronological in the window [o, o + k)²
+        self._gram = z.new_zeros(2, cap, cap)
+        # R's window copied for the solves, into memory allocated once: a fresh
+        # k×k tensor per iteration (1.3 MB at k = 400) cost as much as both
+        # solves, in page faults
+        self._r = z.new_empty(m * m)
         self._forget()
         self.evaluations = 0
         self.stopped: str | None = None
@@ -144,19 +152,14 @@ class LBFGS:
         return self._gram[which, o : o + self.k, o : o + self.k]
 
     @property
-    def SS(self) -> torch.Tensor:
-        """(k, k) sₐ·s_b of the stored pairs, oldest first."""
-        return self._window(0)
-
-    @property
-    def SY(self) -> torch.Tensor:
-        """(k, k) sₐ·y_b, oldest first; its upper triangle is R."""
-        return self._window(1)
+    def R(self) -> torch.Tensor:
+        """(k, k) R: sₐ·y_b for a <= b, zero below the diagonal, oldest first."""
+        return self._window(0).triu()
 
     @property
     def YY(self) -> torch.Tensor:
         """(k, k) yₐ·y_b, oldest first."""
-        return self._window(2)
+        return self._window(1)
 
     def _project(self, v: torch.Tensor) -> torch.Tensor:
         """(2, k): the stored steps' and changes' dot products with v, in slot order."""
@@ -166,24 +169,23 @@ class LBFGS:
             return (self.SY_rows @ w).view(2, m).to(v.dtype)
         return torch.stack([self.S[:k] @ w, self.Y[:k] @ w]).to(v.dtype)
 
-    def _direction(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(d, [S; Y]·d)``: d = −H·g with H the compact L-BFGS inverse Hessian (BNS
-        1994, eq. 3.1), and its projections (2, k) on the stored pairs in
-        chronological order, from their Gram matrices (no pass over the history);
-        ``None`` without history."""
+    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+        """d = −H·g with H the compact L-BFGS inverse Hessian (BNS 1994, eq. 3.1):
+        H = γI + [S γY]·[[R⁻ᵀ(D + γYᵀY)R⁻¹, −R⁻ᵀ], [−R⁻¹, 0]]·[Sᵀ; γYᵀ], which
+        needs R and YᵀY only, never SᵀS or SᵀY below its diagonal."""
         k = self.k
         if not k:
-            return -g, None
+            return -g
         if self._proj is None:
             self._proj = self._project(g)
         order = self._order
         sg, yg = self._proj[:, order]  # (k,) each, chronological
-        ss, sy, yy = (self._window(i) for i in range(3))  # chronological
-        r = sy.contiguous()  # its upper triangle is R
+        r = self._r[: k * k].view(k, k).copy_(self._window(0))  # upper triangle: R
+        yy = self._window(1)
         diag = r.diagonal()
         gamma = diag[-1] / yy[-1, -1]
         u = torch.linalg.solve_triangular(r, sg[:, None], upper=True)[:, 0]
-        rhs = diag * u + gamma * (yy @ u) - gamma * yg
+        rhs = diag * u + gamma * (yy @ u - yg)
         w1 = torch.linalg.solve_triangular(r.T, rhs[:, None], upper=False)[:, 0]
         w2 = -gamma * u
         ab = torch.empty(2, k, dtype=w1.dtype, device=w1.device)  # the weights in slot order
@@ -199,16 +201,14 @@ class LBFGS:
             d = torch.addmv(gamma * g, self.SY_rows.T, ab.view(-1))
         else:
             d = torch.addmv(torch.addmv(gamma * g, self.S[:k].T, ab[0]), self.Y[:k].T, ab[1])
-        # [S; Y]·d = −(γ·[S; Y]·g + G·[w1; w2]), G = [[SS, SY], [SYᵀ, YY]]
-        gram = torch.stack([ss @ w1 + r @ w2, r.T @ w1 + yy @ w2])
-        return d.neg_(), -(gamma * torch.stack([sg, yg]) + gram)
+        return d.neg_()
 
-    def _remember(self, s, y, g_new, proj_d, t) -> None:
+    def _remember(self, s, y, g_new) -> None:
         """Store the pair (s, y) and project the new gradient on the history.
 
-        One pass over the history per iteration, for [S; Y]·g_new: the pair's own
-        products with the history come from it ([S; Y]·y = [S; Y]·g_new − [S; Y]·g)
-        and from the direction's ([S; Y]·s = t·[S; Y]·d); the slot the pair
+        One pass over the history per iteration, for [S; Y]·g_new: the pair's
+        products with the history that H needs (R's new column Sᵀy, YᵀY's new row
+        Yᵀy) come from it, [S; Y]·y = [S; Y]·g_new − [S; Y]·g; the slot the pair
         replaces is patched with direct dot products. Rows of a lower precision
         take a second pass, for [S; Y]·y, when the change is small against the
         gradient (below :attr:`CHANGE_FLOOR` of it).
@@ -228,12 +228,10 @@ class LBFGS:
         sy_new = s @ y
         if not float(sy_new) > 1e-10 * float(s.norm() * y.norm()):
             return  # no positive curvature along s: keep the old pairs
-        order = self._order
-        ps = t * proj_d if proj_d is not None else self._project(s)[:, order]  # chronological
-        py = (self._project(y) if proj_g is None else proj_new - proj_g)[:, order]
+        py = (self._project(y) if proj_g is None else proj_new - proj_g)[:, self._order]
         if k == m:  # the ring is full: the oldest pair's slot takes the new one
             slot, self.head, self._o, j = self.head, (self.head + 1) % m, self._o + 1, k - 1
-            ps, py = ps[:, 1:], py[:, 1:]
+            py = py[:, 1:]
         else:
             slot, j = k, k
         self.S[slot], self.Y[slot] = s, y
@@ -242,10 +240,9 @@ class LBFGS:
             gram[:, :j, :j] = gram[:, o : o + j, o : o + j].clone()
             self._o = o = 0
         p, old = o + j, slice(o, o + j)  # the new pair's row and column; the kept pairs'
-        gram[0, p, old] = gram[0, old, p] = ps[0]
-        gram[1, p, old], gram[1, old, p] = ps[1], py[0]  # s_a · y_b
-        gram[2, p, old] = gram[2, old, p] = py[1]
-        gram[:, p, p] = torch.stack([s @ s, sy_new, y @ y])
+        gram[0, old, p] = py[0]  # s_a · y_new: R's new column
+        gram[1, p, old] = gram[1, old, p] = py[1]
+        gram[:, p, p] = torch.stack([sy_new, y @ y])
         self.k = j + 1
         news = torch.stack([s @ g_new, y @ g_new])
         if slot < k:
@@ -340,11 +337,11 @@ class LBFGS:
             if float(g.abs().max()) <= self.tol_grad:
                 self.stopped = "gradient"
                 break
-            d, proj_d = self._direction(g)
+            d = self._direction(g)
             gtd = float(g @ d)
             if not gtd < 0:  # memory gave no descent direction: forget it
                 self._forget()
-                d, gtd, proj_d = -g, -float(g @ g), None
+                d, gtd = -g, -float(g @ g)
             t0 = self.lr if self.k else self.lr * min(1.0, 1.0 / float(g.abs().sum()))
             t, f_new, g_new = yield from self._line_search(f, g, d, gtd, t0)
             if t == 0.0:
@@ -352,7 +349,7 @@ class LBFGS:
                 break
             s = t * d
             self.z += s
-            self._remember(s, g_new - g, g_new, proj_d, t)
+            self._remember(s, g_new - g, g_new)
             small = abs(f - f_new) < self.tol_change or float(s.abs().max()) < self.tol_change
             f, g = f_new, g_new
             if small:
