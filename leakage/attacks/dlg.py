@@ -160,12 +160,12 @@ def match_gradients(
             ``torch.compile`` (:class:`~fl_core.compiled.CompiledObjective`;
             batched restarts stay eager). Pays over many attacks in one process:
             the first compiles (DLG's first attack on the sigmoid LeNet took
-            10.6 s with inductor's on-disk cache warm, longer cold), later ones
+            8.4 s with inductor's on-disk cache warm, longer cold), later ones
             on the same architecture, protocol and shapes reuse the graph, and
             skip dynamo's guards while it is the only graph of its function
             (``lean``, see :class:`~fl_core.compiled.CompiledObjective`). The
-            objective then took 1.49 ms instead of 5.11 ms (one thread), and a
-            whole attack 1.6x less time per success (5.2 s against 8.2 s), as
+            objective then took 1.36 ms instead of 3.37 ms (one thread), and a
+            whole attack 1.6x less time per success (5.1 s against 8.3 s), as
             L-BFGS's own work is not compiled
             (``benchmarks/results/hot_paths/summary.md``).
         generator: source of the random starts (default: seed 0).
