@@ -10,7 +10,9 @@ One command, four sections (``--only`` picks some):
   weights can be loaded.
 * ``restarts``: the wall time of a fixed budget with R = 1, 2, 4, 8 restarts
   batched, against one restart (target: 8 restarts <= 3x one), for IG on the
-  sigmoid LeNet and on ResNet-18 and for lock-step DLG on the sigmoid LeNet.
+  sigmoid LeNet and on ResNet-18 and for lock-step DLG on the sigmoid LeNet;
+  for DLG also its batched objective alone and how the victim's convolutions
+  scale from 1 to 8 images, in float64 and float32.
 * ``dlg``: time per success (every image at PSNR >= 30 dB; total seconds over
   successes) of the lab's DLG and iDLG at batch 1 on the sigmoid LeNet, eager
   and with ``compile=True`` (timed after one warm-up attack on a development
@@ -253,6 +255,10 @@ def restarts(args, done: set, record: Callable[[dict], None]) -> None:
             for r, ms in _objective_ms(obs, cases, args.restart_repeats).items():
                 record({"section": "objective", "name": name, "setting": r,
                         "lab_s": ms / 1e3})  # fmt: skip
+        if attack == "dlg" and ("conv-scaling", name, "8 images, 1 threads, float32") not in done:
+            for setting, seconds in _conv_scaling(model, args.restart_repeats).items():
+                record({"section": "conv-scaling", "name": name, "setting": setting,
+                        "lab_s": seconds})  # fmt: skip
         if ("flops", name, 1) not in done:  # the arithmetic of one restart's budget
             from torch.utils.flop_counter import FlopCounterMode
 
@@ -261,6 +267,52 @@ def restarts(args, done: set, record: Callable[[dict], None]) -> None:
                 atk.reconstruct(obs, generator=torch.Generator().manual_seed(args.seed))
             record({"section": "flops", "name": name, "setting": 1, "lab_s": 0.0,
                     "flops": counter.get_total_flops()})  # fmt: skip
+
+
+def _conv_scaling(model: torch.nn.Module, repeats: int) -> dict:
+    """Seconds of one forward pass through each of ``model``'s convolutions,
+    summed over the layers, for 1 and 8 images, on one thread and on the threads
+    in use, in float64 (DLG's precision on this victim) and float32: whether the
+    batch amortizes the convolutions' work. Each case is the fastest of
+    ``repeats`` timings of 20 calls, the cases taken in turn."""
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    shapes: dict[torch.nn.Module, tuple] = {}
+
+    def keep(module, inputs, output) -> None:
+        shapes[module] = inputs[0].shape[1:]
+
+    hooks = [m.register_forward_hook(keep) for m in convs]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *model.spec.in_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    cases = {}
+    for dtype in (torch.float64, torch.float32):
+        layers = [(m.weight.detach().to(dtype), m.stride, m.padding) for m in convs]
+        for t in sorted({1, threads}):
+            for r in (1, 8):
+                xs = [torch.rand(r, *shapes[m], generator=g, dtype=dtype) for m in convs]
+                name = f"{r} images, {t} threads" + ("" if dtype == torch.float64 else ", float32")
+                cases[name] = (t, layers, xs)
+    best = dict.fromkeys(cases, math.inf)
+    for _ in range(repeats):
+        for name, (t, layers, xs) in cases.items():
+
+            def run(layers=layers, xs=xs):
+                for _ in range(20):
+                    for (w, stride, pad), x in zip(layers, xs):
+                        torch.nn.functional.conv2d(x, w, stride=stride, padding=pad)
+
+            torch.set_num_threads(t)
+            try:
+                best[name] = min(best[name], _best_of(run, 1) / 20)
+            finally:
+                torch.set_num_threads(threads)
+    return best
 
 
 def _objective_ms(obs, cases: dict, repeats: int) -> dict:
@@ -560,6 +612,22 @@ def summary(records: list[dict], command: str) -> str:
                              f"{one['lab_s'] * 1e3:.2f} ms for one restart and "
                              f"{eight['lab_s'] * 1e3:.2f} ms for 8, "
                              f"{eight['lab_s'] / one['lab_s']:.2f}x.")  # fmt: skip
+        for name in RESTART_CASES:
+            conv = {r["setting"]: r["lab_s"] for r in records
+                    if r["section"] == "conv-scaling" and r["name"] == name}  # fmt: skip
+            ts = sorted({int(s.split(", ")[1].split()[0]) for s in conv})
+            for suffix, dtype in (("", "float64"), (", float32", "float32")):
+                keys = [f"{r} images, {t} threads{suffix}" for r in (1, 8) for t in ts]
+                if not ts or not all(k in conv for k in keys):
+                    continue
+                parts = []
+                for t in ts:
+                    a = conv[f"1 images, {t} threads{suffix}"]
+                    b = conv[f"8 images, {t} threads{suffix}"]
+                    parts.append(f"{a * 1e3:.3f} ms for one image and {b * 1e3:.3f} ms for 8 "
+                                 f"on {t} thread{'s' if t > 1 else ''} ({b / a:.1f}x)")  # fmt: skip
+                lines.append(f"\n{name}: the victim's convolutions in {dtype} (forward, summed "
+                             f"over its layers) take " + "; ".join(parts) + ".")  # fmt: skip
         for name in RESTART_CASES:
             one, eight = by.get(("restarts", name, 1)), by.get(("restarts", name, 8))
             if one and eight:
