@@ -58,3 +58,34 @@ def test_history_summary_counts_successes_per_precision():
     assert rows[0] == "| dlg | float32 | float32 | 400 | 1 | 1 | 5000 | 30.00 | 30.00 | 44.0 |"
     assert rows[1] == "| dlg | float64 | float32 | 400 | 1 | 1 | 990 | 5.00 | 5.00 | 44.5 |"
     assert rows[2] == "| dlg | float64 | float64 | 400 | 2 | 1 | 2000 | 8.00 | 16.00 | 35.0 |"
+
+
+def test_hot_paths_summary_gives_the_convolutions_batch_scaling():
+    """The convolution-scaling line divides 8 images' seconds by one image's, per
+    thread count and precision, from the records alone."""
+    conv = {
+        "1 images, 1 threads": 0.2e-3,
+        "8 images, 1 threads": 1.4e-3,
+        "1 images, 2 threads": 0.1e-3,
+        "8 images, 2 threads": 0.5e-3,
+        "1 images, 1 threads, float32": 0.25e-3,
+        "8 images, 1 threads, float32": 0.5e-3,
+        "1 images, 2 threads, float32": 0.2e-3,
+        "8 images, 2 threads, float32": 0.3e-3,
+    }
+    machine = {"processor": "x86_64", "torch": "2"}
+    records = [
+        {"section": "conv-scaling", "name": "dlg-lenet", "setting": k, "lab_s": v, **machine}
+        for k, v in conv.items()
+    ]
+    records.append({"section": "restarts", "name": "dlg-lenet", "setting": 1, "lab_s": 1.0,
+                    "evaluations": 10, "threads": 2, **machine})  # fmt: skip
+    lines = [x for x in hot.summary(records, "cmd").splitlines() if "convolutions in" in x]
+    assert lines == [
+        "dlg-lenet: the victim's convolutions in float64 (forward, summed over its layers) "
+        "take 0.200 ms for one image and 1.400 ms for 8 on 1 thread (7.0x); 0.100 ms for one "
+        "image and 0.500 ms for 8 on 2 threads (5.0x).",
+        "dlg-lenet: the victim's convolutions in float32 (forward, summed over its layers) "
+        "take 0.250 ms for one image and 0.500 ms for 8 on 1 thread (2.0x); 0.200 ms for one "
+        "image and 0.300 ms for 8 on 2 threads (1.5x).",
+    ]
